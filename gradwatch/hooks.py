@@ -1,0 +1,114 @@
+"""Registers gradwatch's hooks and returns their handles. No I/O and no host sync here.
+
+Every hook is a small object that forwards to the `Recorder`. Pickled or deep-copied (`torch.save(model)`,
+`copy.deepcopy(model)`), a hook turns into a no-op, so a watched model still saves and copies, and a copy
+never feeds this run.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ._model import ModelMap
+from .recorder import Recorder
+
+
+class _Disabled:
+    """What a gradwatch hook becomes in a pickled or copied model: a hook that does nothing."""
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+class _Hook:
+    def __init__(self, rec: Recorder, index: int = -1):
+        self.rec, self.index = rec, index
+
+    def __reduce__(self):
+        return (_Disabled, ())
+
+    def __deepcopy__(self, memo):
+        return _Disabled()
+
+
+class _GradReady(_Hook):
+    def __call__(self, param):
+        self.rec.on_grad_ready()
+
+
+class _ForwardStart(_Hook):
+    def __call__(self, module, args):
+        self.rec.on_forward_start()
+
+
+class _ModuleOutput(_Hook):
+    def __call__(self, module, args, kwargs, out):
+        self.rec.on_module_output(self.index, args, kwargs, out)
+
+
+class _ActivationOutput(_Hook):
+    def __call__(self, module, args, out):
+        self.rec.on_activation(self.index, args, out)
+
+
+class _PassThrough(_Hook):
+    def __call__(self, module, args, out):
+        self.rec.on_pass_through(args, out)
+
+
+class _OptimizerPre(_Hook):
+    def __init__(self, rec: Recorder, watcher):
+        super().__init__(rec)
+        self.watcher = watcher
+
+    def __call__(self, optimizer, args, kwargs):
+        self.rec.on_optimizer_step(optimizer)
+        spec = self.watcher.ratio_spec_for(optimizer)
+        if spec is not None:
+            self.rec.snapshot(id(optimizer), spec)
+
+
+class _OptimizerPost(_OptimizerPre):
+    def __call__(self, optimizer, args, kwargs):
+        spec = self.watcher.ratio_spec_for(optimizer)
+        if spec is not None:
+            self.rec.measure_update(id(optimizer), spec)
+
+
+def install(model: nn.Module, mm: ModelMap, rec: Recorder, cfg, optimizers: list, watcher) -> list:
+    """Register every hook gradwatch needs; the caller owns the returned handles."""
+    handles = []
+    try:
+        if cfg.grad_norm or cfg.grad_maxabs:
+            handles += [p.register_post_accumulate_grad_hook(_GradReady(rec))
+                        for p in mm.params if p.requires_grad]
+        if cfg.activations or cfg.trace_nonfinite:
+            handles.append(model.register_forward_pre_hook(_ForwardStart(rec)))
+        if cfg.activations:
+            handles += [a.module.register_forward_hook(_ActivationOutput(rec, i))
+                        for i, a in enumerate(mm.activations)]
+        if cfg.trace_nonfinite:
+            handles += [m.register_forward_hook(_ModuleOutput(rec, i), with_kwargs=True)
+                        for i, (_, m) in enumerate(mm.traced)]
+            handles += [m.register_forward_hook(_PassThrough(rec)) for m in mm.passing]
+            if not cfg.activations:
+                handles += [a.module.register_forward_hook(_PassThrough(rec)) for a in mm.activations]
+        for opt in optimizers:
+            handles.append(opt.register_step_pre_hook(_OptimizerPre(rec, watcher)))
+            handles.append(opt.register_step_post_hook(_OptimizerPost(rec, watcher)))
+    except BaseException:
+        remove(handles)
+        raise
+    return handles
+
+
+def remove(handles: list) -> None:
+    """Remove every handle, even if one of them fails."""
+    errors = []
+    while handles:
+        h = handles.pop()
+        try:
+            h.remove()
+        except Exception as e:  # noqa: BLE001 - keep removing the others
+            errors.append(e)
+    if errors:
+        raise errors[0]

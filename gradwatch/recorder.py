@@ -1,0 +1,328 @@
+"""Per-step device state that the hooks write into, and its close-out into one flat row per step.
+
+Everything here stays on the model's device: no `.item()`, no `.cpu()`. The hooks in `hooks.py` call
+the `on_*` methods; `Watcher.step()` calls `finish_step()`.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from . import stats
+from ._model import ModelMap
+
+MAX_SITES_PER_MODULE = 4  # calls of one activation module per forward kept apart; later ones share the last
+ABSENT = -1.0  # grad norm of a layer none of whose parameters has a .grad this step (norms are >= 0)
+MAX_PROBES_PER_STEP = 4096  # NaN tracing stops for the rest of a step past this many module calls
+_engine = torch.autograd.Variable._execution_engine
+
+
+@dataclass
+class Site:
+    """One call site of an activation module (a module reused twice per forward has two)."""
+
+    index: int
+    name: str
+    kind: str
+    module_type: str
+    channels_first: bool = False
+    unit_max: torch.Tensor | None = None  # running max per unit over the dead-unit window
+    pos: torch.Tensor | None = None  # positives (relu) or saturated count (tanh/sigmoid) in this step
+    numel: int = 0
+
+
+@dataclass
+class RatioSpec:
+    """The parameters whose update ratio one step measures, and the layers they belong to."""
+
+    params: list[torch.Tensor]
+    pair_param: torch.Tensor  # index into params, one entry per (param, layer) pair
+    pair_layer: torch.Tensor
+    absent: torch.Tensor  # bool per layer: not measured by this spec
+
+
+@dataclass
+class StepRow:
+    """One recorded step: host values, plus one flat device vector laid out by `layout`."""
+
+    step: int
+    time: float
+    loss: float | None  # a host float; a tensor loss lives in `flat`
+    lrs: list
+    skipped: bool | None
+    layout: list[tuple[str, int]]  # (field, length) of each piece of `flat`, in order
+    flat: torch.Tensor | None
+    sites: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # field -> [(site, numel)]
+    trace: list[tuple[int, tuple[int, ...], int]] = field(default_factory=list)  # (module, in probes, out)
+
+
+class Recorder:
+    def __init__(self, mm: ModelMap, config, device: torch.device, scaler=None):
+        self.mm, self.cfg, self.device, self.scaler = mm, config, device, scaler
+        self.n_layers = len(mm.layers)
+        self._pair_param = torch.tensor(mm.param_of_pair, dtype=torch.long, device=device)
+        self._pair_layer = torch.tensor(mm.layer_of_pair, dtype=torch.long, device=device)
+        self.recording = True
+        self.sites: list[Site] = []
+        self._site_of: dict[tuple[int, int], Site] = {}
+        self._calls = [0] * len(mm.activations)
+        self._subsets: dict[tuple[int, ...], tuple] = {}
+        self.new_sites: list[Site] = []  # sites seen for the first time, not yet sent to the store
+        self._reset_step()
+
+    # ---- backward: gradients -------------------------------------------------------------------
+    def on_grad_ready(self) -> None:
+        """A watched parameter's .grad was just accumulated; read all grads once backward ends."""
+        if self._queued or not self.recording:
+            return
+        self._queued = True
+        # Queued twice: the first callback runs with the ones DDP/FSDP queued during backward, and the
+        # second after them, so that reduced gradients are read.
+        _engine.queue_callback(lambda: _engine.queue_callback(self._read_grads))
+
+    def _read_grads(self) -> None:
+        self._queued = False
+        grads = [p.grad for p in self.mm.params]
+        if any(g is None for g in grads):
+            present = tuple(i for i, g in enumerate(grads) if g is not None)
+            if not present:
+                return
+            grads = [grads[i] for i in present]
+            pair_param, pair_layer, absent = self._subset(present)
+        else:
+            pair_param, pair_layer, absent = self._pair_param, self._pair_layer, None
+        sq = stats.sq_norms(grads)
+        layer_norm = stats.per_layer(sq[pair_param], pair_layer, self.n_layers, "sum").sqrt_()
+        total_sq = sq.sum()
+        layer_max = None
+        if self.cfg.grad_maxabs:
+            layer_max = stats.per_layer(stats.maxabs(grads)[pair_param], pair_layer, self.n_layers, "amax")
+        scale = self._scale()
+        if scale is not None:  # grads are scaled by the GradScaler until it unscales them
+            inv = scale.double().reciprocal().float()
+            layer_norm = layer_norm * inv
+            total_sq = total_sq * inv * inv
+            layer_max = layer_max * inv if layer_max is not None else None
+        if absent is not None:
+            layer_norm = layer_norm.masked_fill(absent, ABSENT)
+            layer_max = layer_max.masked_fill(absent, ABSENT) if layer_max is not None else None
+        self._grad = (layer_norm, layer_max, total_sq, scale)
+
+    def _subset(self, present: tuple[int, ...]):
+        """Index tensors for a step where only `present` params have grads; built once per pattern."""
+        hit = self._subsets.get(present)
+        if hit is None:
+            where = {p: i for i, p in enumerate(present)}
+            pairs = [(where[p], ly) for p, ly in zip(self.mm.param_of_pair, self.mm.layer_of_pair) if p in where]
+            absent = [ly not in {ly for _, ly in pairs} for ly in range(self.n_layers)]
+            hit = (torch.tensor([p for p, _ in pairs], dtype=torch.long, device=self.device),
+                   torch.tensor([ly for _, ly in pairs], dtype=torch.long, device=self.device),
+                   torch.tensor(absent, dtype=torch.bool, device=self.device))
+            self._subsets[present] = hit
+        return hit
+
+    def _scale(self) -> torch.Tensor | None:
+        s = self.scaler
+        if s is None or not s.is_enabled() or getattr(s, "_scale", None) is None:
+            return None
+        return s._scale.detach().reshape(()).float().clone()
+
+    # ---- forward: activations and NaN tracing ----------------------------------------------------
+    def on_forward_start(self) -> None:
+        self._calls = [0] * len(self._calls)
+        self._seen.clear()
+
+    def on_activation(self, a: int, args: tuple, out) -> None:
+        if not (self.recording and torch.is_grad_enabled() and isinstance(out, torch.Tensor)):
+            return
+        ordinal = min(self._calls[a], MAX_SITES_PER_MODULE - 1)
+        self._calls[a] += 1
+        site = self._site_of.get((a, ordinal)) or self._new_site(a, ordinal)
+        if self.cfg.trace_nonfinite and args:
+            self._alias(args[0], out)
+        act = self.mm.activations[a]
+        if site.kind == "relu":
+            if out.ndim == 0 or out.numel() == 0:
+                return
+            m = stats.unit_max(out, stats.unit_dim(out.shape, site.channels_first))
+            if site.unit_max is None or site.unit_max.shape != m.shape:
+                site.unit_max = m  # a new unit count starts a new window for this site
+            else:
+                torch.maximum(site.unit_max, m, out=site.unit_max)
+            cnt, n = stats.positive_count(out, nonnegative=_nonneg(act.module))
+        else:
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if x is None:
+                return
+            thr = stats.SIGMOID_SATURATION if site.kind == "sigmoid" else stats.TANH_SATURATION
+            cnt, n = stats.saturated_count(x, thr)
+        site.pos = cnt if site.pos is None else site.pos + cnt
+        site.numel += n
+        self._active_sites.add(site.index)
+
+    def _new_site(self, a: int, ordinal: int) -> Site:
+        act = self.mm.activations[a]
+        name = act.name if ordinal == 0 else f"{act.name}#{ordinal + 1}"
+        site = Site(len(self.sites), name, act.kind, type(act.module).__name__, act.channels_first)
+        self.sites.append(site)
+        self._site_of[(a, ordinal)] = site
+        self.new_sites.append(site)
+        return site
+
+    def on_module_output(self, m: int, args: tuple, kwargs: dict, out) -> None:
+        if not (self.recording and torch.is_grad_enabled()) or len(self._probes) >= MAX_PROBES_PER_STEP:
+            return
+        ins = [t for t in args if isinstance(t, torch.Tensor)]
+        ins += [t for t in kwargs.values() if isinstance(t, torch.Tensor)] if kwargs else []
+        self._trace.append((m, tuple(self._probe_of(t) for t in ins), self._probe_of(out)))
+
+    def on_pass_through(self, args: tuple, out) -> None:
+        if self.recording and args and torch.is_grad_enabled():
+            self._alias(args[0], out)
+
+    def _alias(self, src, out) -> None:
+        if isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor):
+            idx = self._cached(src)
+            if idx is not None:
+                self._seen[id(out)] = (weakref.ref(out), idx, out._version)
+
+    def _cached(self, t: torch.Tensor) -> int | None:
+        """The probe of a tensor seen earlier in this forward, unless it was modified in place since."""
+        hit = self._seen.get(id(t))
+        if hit is not None and hit[0]() is t and hit[2] == t._version:
+            return hit[1]
+        return None
+
+    def _probe_of(self, value) -> int:
+        """Index of a finiteness probe for `value`; a tensor already probed this forward is reused."""
+        if isinstance(value, torch.Tensor):
+            idx = self._cached(value)
+            if idx is not None:
+                return idx
+            tensors = [value]
+        else:
+            tensors = _tensors_in(value)
+        probe = stats.finite_probe(tensors)
+        if probe is None:
+            return -1
+        self._probes.append(probe)
+        idx = len(self._probes) - 1
+        if isinstance(value, torch.Tensor):
+            self._seen[id(value)] = (weakref.ref(value), idx, value._version)
+        return idx
+
+    # ---- optimizer: learning rates and the update ratio -------------------------------------------
+    def on_optimizer_step(self, optimizer) -> None:
+        """optimizer.step() is about to run: the step is not skipped, and these are its learning rates."""
+        self.stepped = True
+        self.lrs.extend(g.get("lr") for g in optimizer.param_groups)
+
+    def snapshot(self, key: int, spec: RatioSpec) -> None:
+        """Copy the weights before an update. The copy lives until `measure_update`, during
+        optimizer.step() when there is an optimizer; `update_memory_mb` caps its size."""
+        self._snap[key] = [p.detach().clone() for p in spec.params]
+
+    def measure_update(self, key: int, spec: RatioSpec) -> None:
+        before = self._snap.pop(key, None)
+        if not before:
+            return
+        delta_sq = stats.sq_norms(torch._foreach_sub([p.detach() for p in spec.params], before))
+        w_sq = stats.sq_norms(before)
+        d = stats.per_layer(delta_sq[spec.pair_param], spec.pair_layer, self.n_layers, "sum")
+        w = stats.per_layer(w_sq[spec.pair_param], spec.pair_layer, self.n_layers, "sum")
+        ratio = (d / w).sqrt().masked_fill(spec.absent, float("nan"))
+        # Two optimizers cover different layers; fmin keeps each one's numbers and ignores the NaNs.
+        self._ratio = ratio if self._ratio is None else torch.fmin(self._ratio, ratio)
+
+    # ---- step close-out ---------------------------------------------------------------------------
+    def finish_step(self, step: int, loss, window_end: bool, weight_norm: bool) -> StepRow:
+        """Turn this step's state into a StepRow and reset for the next step."""
+        layout: list[tuple[str, int]] = []
+        parts: list[torch.Tensor] = []
+
+        def put(name: str, t: torch.Tensor) -> None:
+            t = t.detach().reshape(-1).float()
+            layout.append((name, t.numel()))
+            parts.append(t if t.device == self.device else t.to(self.device, non_blocking=True))
+
+        host_loss = None
+        if isinstance(loss, torch.Tensor):
+            put("loss", loss)
+        elif loss is not None:
+            host_loss = float(loss)
+        if self._grad is not None:
+            layer_norm, layer_max, total_sq, scale = self._grad
+            put("grad_norm", layer_norm)
+            put("grad_total_sq", total_sq)
+            if layer_max is not None:
+                put("grad_maxabs", layer_max)
+            if scale is not None:
+                put("loss_scale", scale)
+        if weight_norm and self.mm.params:
+            w_sq = stats.sq_norms([p.detach() for p in self.mm.params])
+            put("weight_norm", stats.per_layer(w_sq[self._pair_param], self._pair_layer,
+                                               self.n_layers, "sum").sqrt_())
+        if self._ratio is not None:
+            put("update_ratio", self._ratio)
+        row_sites: dict[str, list[tuple[int, int]]] = {}
+        for site in (self.sites[i] for i in sorted(self._active_sites)):
+            if site.pos is not None and site.numel:
+                metric = "zero_fraction" if site.kind == "relu" else "saturation_fraction"
+                put(f"{metric}@{site.index}", site.pos)
+                row_sites.setdefault(metric, []).append((site.index, site.numel))
+            site.pos, site.numel = None, 0
+        if window_end:
+            for site in self.sites:
+                if site.unit_max is not None:
+                    put(f"dead_fraction@{site.index}", (site.unit_max <= 0).float().mean())
+                    row_sites.setdefault("dead_fraction", []).append((site.index, site.unit_max.numel()))
+                    site.unit_max = None
+        if self._probes:
+            put("probes", torch.stack(self._probes))
+        lrs: list[float | None] = []
+        for i, lr in enumerate(self.lrs):
+            if isinstance(lr, torch.Tensor):  # a capturable/tensor lr stays on device until the flush
+                put(f"lr@{i}", lr)
+                lrs.append(None)
+            else:
+                lrs.append(float("nan") if lr is None else float(lr))
+        row = StepRow(step, time.time(), host_loss, lrs, None, layout,
+                      torch.cat(parts) if parts else None, row_sites, self._trace)
+        self._reset_step()
+        return row
+
+    def skip_step(self) -> None:
+        """A step that is not recorded: drop whatever the optimizer hooks noted."""
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        self._grad = None
+        self._queued = False
+        self._active_sites: set[int] = set()
+        self._seen: dict[int, tuple[weakref.ref, int]] = {}
+        self._probes: list[torch.Tensor] = []
+        self._trace: list[tuple[int, tuple[int, ...], int]] = []
+        self._snap: dict[int, list[torch.Tensor]] = {}
+        self._ratio: torch.Tensor | None = None
+        self.stepped = False
+        self.lrs: list = []
+
+
+def _nonneg(module) -> bool:
+    return isinstance(module, (torch.nn.ReLU, torch.nn.ReLU6))
+
+
+def _tensors_in(value, depth: int = 0) -> list[torch.Tensor]:
+    """Tensors inside a module output: a tensor, or (nested) tuples, lists, dicts and ModelOutputs."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth > 3:
+        return []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v, depth + 1)]
+    return []

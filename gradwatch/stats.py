@@ -1,0 +1,116 @@
+"""Pure tensor functions behind every recorded number. No hooks, no I/O, and no host sync."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Saturation thresholds on the pre-activation x. Both mark the same flatness, a derivative below
+# 2.7% of its peak: sigmoid'(5) / sigmoid'(0) = tanh'(2.5) / tanh'(0) = 0.027 (tanh(x) = 2*sigmoid(2x) - 1).
+# |x| > 5 for the logistic sigmoid is the "beyond about +-5" of the saturation literature
+# (Glorot & Bengio 2010; Rakitianskaia & Engelbrecht 2015).
+SIGMOID_SATURATION = 5.0
+TANH_SATURATION = 2.5
+
+# Zero and saturation fractions are read from an evenly strided sample of at most this many elements,
+# so that their cost does not grow with the batch (standard error under 0.1 percentage point).
+FRACTION_SAMPLE = 1 << 18
+
+_INF = float("inf")
+
+
+def sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Squared L2 norm of each tensor, as one float32 vector on the tensors' device."""
+    if not tensors:
+        raise ValueError("sq_norms needs at least one tensor")
+    dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
+    if dense[0].is_cuda or any(t.dtype != torch.float32 or not t.is_contiguous() for t in dense):
+        # One fused kernel on CUDA; the CPU fallback loops over tensors but accumulates in float32.
+        norms = torch.stack(torch._foreach_norm(dense)).float()
+        return norms * norms
+    # On CPU a BLAS dot is twice as fast as the norm kernel (measured on 2 cores, torch 2.13).
+    return torch.stack([torch.dot(t.view(-1), t.view(-1)) for t in dense])
+
+
+def maxabs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """max |x| of each tensor (NaN when it holds a NaN), as one float32 vector."""
+    dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
+    if dense[0].is_cuda:
+        return torch.stack(torch._foreach_norm(dense, _INF)).float()
+    # The CPU inf-norm kernel is 10x slower than aminmax, which reads the tensor once.
+    out = []
+    for t in dense:
+        lo, hi = torch.aminmax(t.detach())
+        out.append(torch.maximum(hi, -lo))
+    return torch.stack(out).float()
+
+
+def per_layer(values: torch.Tensor, index: torch.Tensor, n_layers: int, reduce: str) -> torch.Tensor:
+    """Combine per-parameter values into per-layer ones: `reduce` is "sum" or "amax"."""
+    out = torch.zeros(n_layers, dtype=values.dtype, device=values.device)
+    if reduce == "sum":
+        return out.index_add_(0, index, values)
+    return out.scatter_reduce_(0, index, values, "amax", include_self=False)
+
+
+def finite_probe(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """A 0-dim float32 that is finite iff every floating tensor is (NaN and Inf survive a sum).
+
+    A finite tensor whose float32 sum overflows (|sum| > 3e38) reads as non-finite too; such values
+    are already beyond anything a healthy run produces.
+    """
+    probe = None
+    for t in tensors:
+        if t.is_floating_point() and t.numel():
+            s = t.detach().sum(dtype=torch.float32)
+            probe = s if probe is None else probe + s
+    return probe
+
+
+def unit_dim(shape: torch.Size, channels_first: bool) -> int:
+    """Which dimension indexes units: channels for conv maps, features for dense outputs."""
+    if len(shape) <= 1:
+        return 0
+    if len(shape) == 2:
+        return 1
+    if len(shape) >= 4 or channels_first:
+        return 1
+    return len(shape) - 1
+
+
+def unit_max(out: torch.Tensor, dim: int) -> torch.Tensor:
+    """Largest value of each unit over every sample and position: a unit is alive iff this is > 0."""
+    x = out.detach()
+    dims = [d for d in range(x.ndim) if d != dim]
+    return x.amax(dim=dims).float() if dims else x.float()
+
+
+def _sample(x: torch.Tensor) -> torch.Tensor:
+    n = x.numel()
+    if n <= FRACTION_SAMPLE:
+        return x
+    # A prime stride does not alias with the power-of-two sizes that tensor dimensions usually have.
+    return x.reshape(-1)[:: _next_prime(math.ceil(n / FRACTION_SAMPLE))]
+
+
+def positive_count(out: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, int]:
+    """How many sampled elements are > 0, and how many were sampled."""
+    x = _sample(out.detach())
+    s = x.sign()
+    if not nonnegative:
+        s.clamp_(min=0)
+    # float sum: summing a bool mask is 3x slower on CPU.
+    return s.sum(dtype=torch.float32), x.numel()
+
+
+def saturated_count(pre_activation: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """How many sampled pre-activations lie beyond +-threshold, and how many were sampled."""
+    x = _sample(pre_activation.detach())
+    return x.abs().gt_(threshold).sum(dtype=torch.float32), x.numel()
+
+
+def _next_prime(n: int) -> int:
+    n = max(n, 2)
+    while any(n % d == 0 for d in range(2, int(n**0.5) + 1)):
+        n += 1
+    return n

@@ -1,0 +1,303 @@
+"""`watch()` and `Watcher`: the one object that owns every hook handle, the device state and the writer."""
+from __future__ import annotations
+
+import atexit
+import numbers
+import os
+import platform
+import socket
+import sqlite3
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__, hooks
+from ._model import map_model
+from .chunk import Chunk, RunLayout
+from .config import WatchConfig
+from .errors import GradwatchError, GradwatchWarning
+from .recorder import RatioSpec, Recorder
+from .store.writer import Rows, Writer, create_store
+
+MAX_ROWS_PER_FLUSH = 1000  # bounds the device memory held between flushes on very fast loops
+
+
+class Watcher:
+    """Records one model's training into one run store. Create it with `gradwatch.watch()`."""
+
+    def __init__(self, model: nn.Module, optimizers: list, run_dir: Path, config: WatchConfig, scaler,
+                 include: list[str] | None, exclude: list[str] | None):
+        self.model, self.config, self.run_dir = model, config, run_dir
+        self._optimizers, self._scaler = optimizers, scaler
+        self._mm = mm = map_model(model, include, exclude)
+        if include and not (mm.layers or mm.activations or mm.traced):
+            names = [n for n, _ in model.named_modules() if n][:8]
+            raise GradwatchError(f"watch: include={include!r} matches no module; module names look like "
+                                 f"{names}. Use glob patterns such as 'encoder.*'.")
+        device = next((p.device for p in mm.params), torch.device("cpu"))
+        self._rec = Recorder(mm, config, device, scaler)
+        traced_ids = {id(m): i for i, (_, m) in enumerate(mm.traced)}
+        self._layout = RunLayout(
+            layer_names=[ly.name for ly in mm.layers],
+            traced=[(n, type(m).__name__) for n, m in mm.traced],
+            layer_of_traced={traced_ids[id(ly.module)]: i for i, ly in enumerate(mm.layers)
+                             if id(ly.module) in traced_ids},
+        )
+        self._ratio_groups = self._plan_ratio_groups()
+        self._ratio_specs: dict[tuple[int, int], RatioSpec | None] = {}
+        self._step = self._recorded = 0
+        self._rows: list = []
+        self._closed = self._warned = False
+        try:
+            conn = create_store(run_dir, self._meta(include, exclude))
+        except (OSError, sqlite3.Error) as e:
+            raise GradwatchError(f"watch: cannot create the run store in run_dir={str(run_dir)!r} ({e}); "
+                                 "pass a folder you can write to.") from None
+        self._writer = Writer(conn)
+        self._writer.put(Rows(series=[("layer", i, ly.name, type(ly.module).__name__, ly.n_params)
+                                      for i, ly in enumerate(mm.layers)]))
+        try:
+            self._handles = hooks.install(model, mm, self._rec, config, optimizers, self)
+        except BaseException:
+            self._writer.close(Rows(meta={"status": "crashed", "end_time": time.time()}))
+            raise
+        self._last_flush = time.monotonic()
+        atexit.register(self._at_exit)
+
+    # ---- the public surface ----------------------------------------------------------------------
+    @property
+    def global_step(self) -> int:
+        """How many times `step()` has been called."""
+        return self._step
+
+    def step(self, loss=None) -> None:
+        """Close one optimizer step. Call it once per `optimizer.step()`, after it.
+
+        Args:
+            loss: the step's loss, a 0-dim tensor (kept on its device; gradwatch never calls `.item()`)
+                or a float. Optional.
+        """
+        if self._closed:
+            raise GradwatchError("step() was called after close(); create a new watcher with "
+                                 "gradwatch.watch(...) to keep recording.")
+        _check_loss(loss)
+        self._warn_once_if_store_failed()
+        rec = self._rec
+        if rec.recording:
+            if not self._optimizers and self._ratio_due():
+                rec.measure_update(0, self._spec(None))
+            skipped = (not rec.stepped) if self._optimizers else None
+            if self._optimizers and not rec.stepped:
+                rec.lrs = [g.get("lr") for opt in self._optimizers for g in opt.param_groups]
+            window_end = (self._recorded + 1) % self.config.dead_window == 0
+            row = rec.finish_step(self._step, loss, window_end, self.config.weight_norm)
+            row.skipped = skipped
+            self._rows.append(row)
+            self._recorded += 1
+            self._send_new_sites()
+        else:
+            rec.skip_step()
+        self._step += 1
+        rec.recording = self._step % self.config.every == 0
+        if not self._optimizers and rec.recording and self._ratio_due():
+            rec.snapshot(0, self._spec(None))  # no optimizer hook to wrap the update: copy now
+        if (time.monotonic() - self._last_flush >= self.config.flush_every
+                or len(self._rows) >= MAX_ROWS_PER_FLUSH):
+            self._flush()
+
+    def flush(self) -> None:
+        """Write every recorded step now and wait until it is committed (a host sync on GPU)."""
+        self._flush()
+        self._writer.wait()
+
+    def close(self, status: str = "finished") -> None:
+        """Flush, mark the run `status`, and remove every hook. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._at_exit)
+        try:
+            hooks.remove(self._handles)
+        finally:
+            try:
+                self._flush()
+            finally:
+                self._writer.close(Rows(meta={"status": status, "end_time": time.time(),
+                                              "steps": self._step}))
+                self._warn_once_if_store_failed()
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self._writer.put(Rows(meta={"error": f"{exc_type.__name__}: {exc}"}))
+        self.close("crashed" if exc_type is not None else "finished")
+        return False
+
+    def __repr__(self) -> str:
+        return f"Watcher(run_dir={str(self.run_dir)!r}, step={self._step}, closed={self._closed})"
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if self._rows:
+            self._writer.put(Chunk(self._rows, self._layout))
+            self._rows = []
+
+    def _wait_written(self) -> None:
+        """Block until everything already flushed is committed (used by the benchmarks)."""
+        self._writer.wait()
+
+    def _send_new_sites(self) -> None:
+        sites = self._rec.new_sites
+        if sites:
+            self._writer.put(Rows(series=[("activation", s.index, s.name, s.module_type, None) for s in sites]))
+            self._layout.n_sites[0] = len(self._rec.sites)
+            sites.clear()
+
+    def _warn_once_if_store_failed(self) -> None:
+        err = self._writer.error
+        if err is not None and not self._warned:
+            self._warned = True
+            warnings.warn(GradwatchWarning(
+                f"gradwatch could not write its store in {str(self.run_dir)!r} ({type(err).__name__}: {err}); "
+                "training goes on, and gradwatch keeps retrying, but steps may be lost. Free disk space "
+                "or check the folder's permissions."), stacklevel=3)
+
+    def _ratio_due(self) -> bool:
+        every = self.config.update_every
+        return every > 0 and self._recorded % every == 0
+
+    def ratio_spec_for(self, optimizer) -> RatioSpec | None:
+        """What the update ratio measures at this optimizer step, or None when it is not due."""
+        if not (self._rec.recording and self._ratio_due()):
+            return None
+        return self._spec(optimizer)
+
+    def _spec(self, optimizer) -> RatioSpec | None:
+        group = (self._recorded // self.config.update_every) % len(self._ratio_groups)
+        key = (group, id(optimizer))
+        if key not in self._ratio_specs:
+            self._ratio_specs[key] = self._build_spec(self._ratio_groups[group], optimizer)
+        return self._ratio_specs[key]
+
+    def _plan_ratio_groups(self) -> list[list[int]]:
+        """Split layers, in model order, into groups whose weights fit in update_memory_mb."""
+        budget = self.config.update_memory_mb * 2**20
+        groups: list[list[int]] = [[]]
+        used = 0.0
+        for i, ly in enumerate(self._mm.layers):
+            size = sum(p.numel() * p.element_size() for p in ly.params)
+            if groups[-1] and used + size > budget:
+                groups.append([])
+                used = 0.0
+            groups[-1].append(i)
+            used += size
+        return groups
+
+    def _build_spec(self, layers: list[int], optimizer) -> RatioSpec | None:
+        mm, device = self._mm, self._rec.device
+        owned = None if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
+        wanted = set(layers)
+        params, where, pairs = [], {}, []
+        for p_idx, l_idx in zip(mm.param_of_pair, mm.layer_of_pair):
+            p = mm.params[p_idx]
+            if l_idx in wanted and (owned is None or id(p) in owned):
+                if p_idx not in where:
+                    where[p_idx] = len(params)
+                    params.append(p)
+                pairs.append((where[p_idx], l_idx))
+        if not params:
+            return None
+        covered = {ly for _, ly in pairs}
+        return RatioSpec(
+            params=params,
+            pair_param=torch.tensor([p for p, _ in pairs], dtype=torch.long, device=device),
+            pair_layer=torch.tensor([ly for _, ly in pairs], dtype=torch.long, device=device),
+            absent=torch.tensor([i not in covered for i in range(len(mm.layers))], device=device),
+        )
+
+    def _meta(self, include, exclude) -> dict:
+        return {
+            "name": self.run_dir.name, "status": "running", "start_time": time.time(),
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "gradwatch_version": __version__, "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "model": self._mm.summary(self.model),
+            "optimizer": [_describe_optimizer(o) for o in self._optimizers],
+            "scaler": None if self._scaler is None else {"class": type(self._scaler).__name__,
+                                                         "enabled": bool(self._scaler.is_enabled())},
+            "config": asdict(self.config), "include": include, "exclude": exclude,
+            "device": str(self._rec.device),
+        }
+
+    def _at_exit(self) -> None:
+        crashed = getattr(sys, "last_type", None) is not None
+        try:
+            self.close("crashed" if crashed else "finished")
+        except Exception:  # noqa: BLE001 - never fail interpreter shutdown
+            pass
+
+
+def _describe_optimizer(opt) -> dict:
+    groups = [{k: _plain(v) for k, v in g.items() if k != "params"} | {"n_params": len(g["params"])}
+              for g in opt.param_groups]
+    return {"class": type(opt).__name__, "param_groups": groups}
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 and not v.is_cuda else str(v)
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+
+
+def _check_loss(loss) -> None:
+    if loss is None:
+        return
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise GradwatchError(f"step: loss must be a scalar (a 0-dim tensor or a float), got a tensor of "
+                                 f"shape {tuple(loss.shape)}; pass the reduced loss, e.g. loss.mean().")
+        return
+    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+        raise TypeError(f"step: loss must be a 0-dim tensor or a float, got loss={loss!r} "
+                        f"({type(loss).__name__})")
+
+
+def watch(model: nn.Module, optimizer=None, run_dir: str | os.PathLike | None = None, *, scaler=None,
+          include: str | list[str] | None = None, exclude: str | list[str] | None = None,
+          name: str | None = None, config: WatchConfig | None = None, overwrite: bool = False,
+          **options) -> Watcher:
+    """Start recording a model's training. See the README for the full walk-through.
+
+    Args:
+        model: the `nn.Module` being trained (hooks go on it and its submodules).
+        optimizer: the optimizer, a list of them, or None (weights updated by hand).
+        run_dir: folder for the run store; default `runs/<name or timestamp>`.
+        scaler: a `torch.amp.GradScaler`, so that recorded gradients are unscaled.
+        include: glob patterns of module names to watch (default: all), e.g. "encoder.*".
+        exclude: glob patterns of module names to leave alone.
+        name: run name used for the default `run_dir`.
+        config: a `WatchConfig`; keyword `options` (every=, activations=, ...) override its fields.
+        overwrite: replace a run already in `run_dir` instead of raising.
+
+    Returns:
+        A `Watcher`: call `step(loss)` once per optimizer step and `close()` at the end, or use it in a
+        `with` block.
+    """
+    from ._validate import check_watch_args, prepare_run_dir
+
+    optimizers, include, exclude = check_watch_args(model, optimizer, scaler, include, exclude)
+    if config is not None and not isinstance(config, WatchConfig):
+        raise TypeError(f"watch: config must be a gradwatch.WatchConfig, got {type(config).__name__}")
+    cfg = (config or WatchConfig()).replace(**options)
+    run_path = prepare_run_dir(run_dir, name, overwrite)
+    return Watcher(model, optimizers, run_path, cfg, scaler, include, exclude)
