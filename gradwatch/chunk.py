@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +50,10 @@ class Chunk:
 
     def rows(self) -> Rows:
         if self._copied is not None:
-            self._copied.synchronize()  # sync: once per flush, on the writer thread
+            # sync: once per flush, on the writer thread. Polling never blocks the device or trips
+            # torch.cuda.set_sync_debug_mode, which a blocking event wait could.
+            while not self._copied.query():
+                time.sleep(0.0005)
         host = self._host.numpy() if self._host is not None else np.zeros(0, np.float32)
         out, pos = Rows(), 0
         for row in self.steps:

@@ -20,8 +20,20 @@ class _Disabled:
 
 
 class _Hook:
+    """Forwards to the Recorder. An exception inside gradwatch is recorded, never raised into training."""
+
     def __init__(self, rec: Recorder, index: int = -1):
         self.rec, self.index = rec, index
+
+    def __call__(self, *args):
+        try:
+            self.run(*args)
+        except Exception as e:  # noqa: BLE001 - gradwatch must not crash the user's training
+            self.rec.internal_error(e)
+        return None
+
+    def run(self, *args) -> None:
+        raise NotImplementedError
 
     def __reduce__(self):
         return (_Disabled, ())
@@ -31,27 +43,27 @@ class _Hook:
 
 
 class _GradReady(_Hook):
-    def __call__(self, param):
+    def run(self, param):
         self.rec.on_grad_ready()
 
 
 class _ForwardStart(_Hook):
-    def __call__(self, module, args):
+    def run(self, module, args):
         self.rec.on_forward_start()
 
 
 class _ModuleOutput(_Hook):
-    def __call__(self, module, args, kwargs, out):
+    def run(self, module, args, kwargs, out):
         self.rec.on_module_output(self.index, args, kwargs, out)
 
 
 class _ActivationOutput(_Hook):
-    def __call__(self, module, args, out):
+    def run(self, module, args, out):
         self.rec.on_activation(self.index, args, out)
 
 
 class _PassThrough(_Hook):
-    def __call__(self, module, args, out):
+    def run(self, module, args, out):
         self.rec.on_pass_through(args, out)
 
 
@@ -60,7 +72,7 @@ class _OptimizerPre(_Hook):
         super().__init__(rec)
         self.watcher = watcher
 
-    def __call__(self, optimizer, args, kwargs):
+    def run(self, optimizer, args, kwargs):
         self.rec.on_optimizer_step(optimizer)
         spec = self.watcher.ratio_spec_for(optimizer)
         if spec is not None:
@@ -68,7 +80,7 @@ class _OptimizerPre(_Hook):
 
 
 class _OptimizerPost(_OptimizerPre):
-    def __call__(self, optimizer, args, kwargs):
+    def run(self, optimizer, args, kwargs):
         spec = self.watcher.ratio_spec_for(optimizer)
         if spec is not None:
             self.rec.measure_update(id(optimizer), spec)

@@ -70,7 +70,11 @@ class Recorder:
         self._site_of: dict[tuple[int, int], Site] = {}
         self._calls = [0] * len(mm.activations)
         self._subsets: dict[tuple[int, ...], tuple] = {}
+        # No tied weights: pair i is param i, so per-parameter values need no gather.
+        self._pairs_are_params = mm.param_of_pair == list(range(len(mm.params)))
         self.new_sites: list[Site] = []  # sites seen for the first time, not yet sent to the store
+        self.first_error: Exception | None = None  # reported once by the Watcher as a GradwatchWarning
+        self.errors = 0
         self._reset_step()
 
     # ---- backward: gradients -------------------------------------------------------------------
@@ -85,6 +89,19 @@ class Recorder:
 
     def _read_grads(self) -> None:
         self._queued = False
+        try:
+            with torch.no_grad():
+                self._measure_grads()
+        except Exception as e:  # noqa: BLE001 - raised here, it would surface from the user's backward()
+            self.internal_error(e)
+
+    def internal_error(self, error: Exception) -> None:
+        """A bug or an unsupported case inside gradwatch: keep the first, count the rest; training goes on."""
+        self.errors += 1
+        if self.first_error is None:
+            self.first_error = error
+
+    def _measure_grads(self) -> None:
         grads = [p.grad for p in self.mm.params]
         if any(g is None for g in grads):
             present = tuple(i for i, g in enumerate(grads) if g is not None)
@@ -95,11 +112,13 @@ class Recorder:
         else:
             pair_param, pair_layer, absent = self._pair_param, self._pair_layer, None
         sq = stats.sq_norms(grads)
-        layer_norm = stats.per_layer(sq[pair_param], pair_layer, self.n_layers, "sum").sqrt_()
+        gather = pair_param is not None and not (absent is None and self._pairs_are_params)
+        layer_norm = stats.per_layer(sq[pair_param] if gather else sq, pair_layer, self.n_layers, "sum").sqrt_()
         total_sq = sq.sum()
         layer_max = None
         if self.cfg.grad_maxabs:
-            layer_max = stats.per_layer(stats.maxabs(grads)[pair_param], pair_layer, self.n_layers, "amax")
+            mx = stats.maxabs(grads)
+            layer_max = stats.per_layer(mx[pair_param] if gather else mx, pair_layer, self.n_layers, "amax")
         scale = self._scale()
         if scale is not None:  # grads are scaled by the GradScaler until it unscales them
             inv = scale.double().reciprocal().float()
@@ -128,7 +147,7 @@ class Recorder:
         s = self.scaler
         if s is None or not s.is_enabled() or getattr(s, "_scale", None) is None:
             return None
-        return s._scale.detach().reshape(()).float().clone()
+        return s._scale.reshape(()).float().clone()
 
     # ---- forward: activations and NaN tracing ----------------------------------------------------
     def on_forward_start(self) -> None:
@@ -138,6 +157,10 @@ class Recorder:
     def on_activation(self, a: int, args: tuple, out) -> None:
         if not (self.recording and torch.is_grad_enabled() and isinstance(out, torch.Tensor)):
             return
+        with torch.no_grad():
+            self._activation(a, args, out)
+
+    def _activation(self, a: int, args: tuple, out: torch.Tensor) -> None:
         ordinal = min(self._calls[a], MAX_SITES_PER_MODULE - 1)
         self._calls[a] += 1
         site = self._site_of.get((a, ordinal)) or self._new_site(a, ordinal)
@@ -177,7 +200,8 @@ class Recorder:
             return
         ins = [t for t in args if isinstance(t, torch.Tensor)]
         ins += [t for t in kwargs.values() if isinstance(t, torch.Tensor)] if kwargs else []
-        self._trace.append((m, tuple(self._probe_of(t) for t in ins), self._probe_of(out)))
+        with torch.no_grad():
+            self._trace.append((m, tuple(self._probe_of(t) for t in ins), self._probe_of(out)))
 
     def on_pass_through(self, args: tuple, out) -> None:
         if self.recording and args and torch.is_grad_enabled():
@@ -223,13 +247,18 @@ class Recorder:
     def snapshot(self, key: int, spec: RatioSpec) -> None:
         """Copy the weights before an update. The copy lives until `measure_update`, during
         optimizer.step() when there is an optimizer; `update_memory_mb` caps its size."""
-        self._snap[key] = [p.detach().clone() for p in spec.params]
+        with torch.no_grad():
+            self._snap[key] = [p.clone() for p in spec.params]
 
     def measure_update(self, key: int, spec: RatioSpec) -> None:
         before = self._snap.pop(key, None)
         if not before:
             return
-        delta_sq = stats.sq_norms(torch._foreach_sub([p.detach() for p in spec.params], before))
+        with torch.no_grad():
+            self._measure_update(spec, before)
+
+    def _measure_update(self, spec: RatioSpec, before: list[torch.Tensor]) -> None:
+        delta_sq = stats.sq_norms(torch._foreach_sub(spec.params, before))
         w_sq = stats.sq_norms(before)
         d = stats.per_layer(delta_sq[spec.pair_param], spec.pair_layer, self.n_layers, "sum")
         w = stats.per_layer(w_sq[spec.pair_param], spec.pair_layer, self.n_layers, "sum")
@@ -240,11 +269,18 @@ class Recorder:
     # ---- step close-out ---------------------------------------------------------------------------
     def finish_step(self, step: int, loss, window_end: bool, weight_norm: bool) -> StepRow:
         """Turn this step's state into a StepRow and reset for the next step."""
+        with torch.no_grad():
+            return self._finish_step(step, loss, window_end, weight_norm)
+
+    def _finish_step(self, step: int, loss, window_end: bool, weight_norm: bool) -> StepRow:
         layout: list[tuple[str, int]] = []
         parts: list[torch.Tensor] = []
 
         def put(name: str, t: torch.Tensor) -> None:
-            t = t.detach().reshape(-1).float()
+            if t.dim() != 1:
+                t = t.reshape(-1)
+            if t.dtype != torch.float32:
+                t = t.float()
             layout.append((name, t.numel()))
             parts.append(t if t.device == self.device else t.to(self.device, non_blocking=True))
 
@@ -262,9 +298,9 @@ class Recorder:
             if scale is not None:
                 put("loss_scale", scale)
         if weight_norm and self.mm.params:
-            w_sq = stats.sq_norms([p.detach() for p in self.mm.params])
-            put("weight_norm", stats.per_layer(w_sq[self._pair_param], self._pair_layer,
-                                               self.n_layers, "sum").sqrt_())
+            w_sq = stats.sq_norms(self.mm.params)
+            w_sq = w_sq if self._pairs_are_params else w_sq[self._pair_param]
+            put("weight_norm", stats.per_layer(w_sq, self._pair_layer, self.n_layers, "sum").sqrt_())
         if self._ratio is not None:
             put("update_ratio", self._ratio)
         row_sites: dict[str, list[tuple[int, int]]] = {}

@@ -1,4 +1,7 @@
-"""Pure tensor functions behind every recorded number. No hooks, no I/O, and no host sync."""
+"""Pure tensor functions behind every recorded number. No hooks, no I/O, and no host sync.
+
+Callers run these under `torch.no_grad()`: one context switch is cheaper than a `detach()` per tensor.
+"""
 from __future__ import annotations
 
 import math
@@ -20,29 +23,25 @@ _INF = float("inf")
 
 
 def sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Squared L2 norm of each tensor, as one float32 vector on the tensors' device."""
-    if not tensors:
-        raise ValueError("sq_norms needs at least one tensor")
+    """Squared L2 norm of each tensor, as one float32 vector on the tensors' device. Call under no_grad."""
     dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
     if dense[0].is_cuda or any(t.dtype != torch.float32 or not t.is_contiguous() for t in dense):
         # One fused kernel on CUDA; the CPU fallback loops over tensors but accumulates in float32.
         norms = torch.stack(torch._foreach_norm(dense)).float()
         return norms * norms
     # On CPU a BLAS dot is twice as fast as the norm kernel (measured on 2 cores, torch 2.13).
-    return torch.stack([torch.dot(t.view(-1), t.view(-1)) for t in dense])
+    flat = [t if t.dim() == 1 else t.view(-1) for t in dense]
+    return torch.stack([torch.dot(v, v) for v in flat])
 
 
 def maxabs(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """max |x| of each tensor (NaN when it holds a NaN), as one float32 vector."""
+    """max |x| of each tensor (NaN when it holds a NaN), as one float32 vector. Call under no_grad."""
     dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
     if dense[0].is_cuda:
         return torch.stack(torch._foreach_norm(dense, _INF)).float()
-    # The CPU inf-norm kernel is 10x slower than aminmax, which reads the tensor once.
-    out = []
-    for t in dense:
-        lo, hi = torch.aminmax(t.detach())
-        out.append(torch.maximum(hi, -lo))
-    return torch.stack(out).float()
+    # The CPU inf-norm kernel is 10x slower than aminmax, which reads each tensor once.
+    lows, highs = zip(*(torch.aminmax(t) for t in dense))
+    return torch.maximum(torch.stack(highs), torch.stack(lows).neg_()).float()
 
 
 def per_layer(values: torch.Tensor, index: torch.Tensor, n_layers: int, reduce: str) -> torch.Tensor:
@@ -62,7 +61,7 @@ def finite_probe(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     probe = None
     for t in tensors:
         if t.is_floating_point() and t.numel():
-            s = t.detach().sum(dtype=torch.float32)
+            s = t.sum(dtype=torch.float32)
             probe = s if probe is None else probe + s
     return probe
 
@@ -80,9 +79,9 @@ def unit_dim(shape: torch.Size, channels_first: bool) -> int:
 
 def unit_max(out: torch.Tensor, dim: int) -> torch.Tensor:
     """Largest value of each unit over every sample and position: a unit is alive iff this is > 0."""
-    x = out.detach()
-    dims = [d for d in range(x.ndim) if d != dim]
-    return x.amax(dim=dims).float() if dims else x.float()
+    dims = [d for d in range(out.ndim) if d != dim]
+    m = out.amax(dim=dims) if dims else out
+    return m if m.dtype == torch.float32 else m.float()
 
 
 def _sample(x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +94,7 @@ def _sample(x: torch.Tensor) -> torch.Tensor:
 
 def positive_count(out: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, int]:
     """How many sampled elements are > 0, and how many were sampled."""
-    x = _sample(out.detach())
+    x = _sample(out)
     s = x.sign()
     if not nonnegative:
         s.clamp_(min=0)
@@ -105,7 +104,7 @@ def positive_count(out: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, 
 
 def saturated_count(pre_activation: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
     """How many sampled pre-activations lie beyond +-threshold, and how many were sampled."""
-    x = _sample(pre_activation.detach())
+    x = _sample(pre_activation)
     return x.abs().gt_(threshold).sum(dtype=torch.float32), x.numel()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import numbers
 import os
 import platform
@@ -24,6 +25,7 @@ from .errors import GradwatchError, GradwatchWarning
 from .recorder import RatioSpec, Recorder
 from .store.writer import Rows, Writer, create_store
 
+log = logging.getLogger("gradwatch")
 MAX_ROWS_PER_FLUSH = 1000  # bounds the device memory held between flushes on very fast loops
 
 
@@ -39,6 +41,10 @@ class Watcher:
             names = [n for n, _ in model.named_modules() if n][:8]
             raise GradwatchError(f"watch: include={include!r} matches no module; module names look like "
                                  f"{names}. Use glob patterns such as 'encoder.*'.")
+        if config.activations and mm.layers and not mm.activations:
+            log.info("gradwatch: %s has no activation modules; activations called as functions (F.relu) "
+                     "cannot be hooked, so no dead-unit or saturation stats. Use nn.ReLU/nn.Tanh modules "
+                     "to get them.", type(model).__name__)
         device = next((p.device for p in mm.params), torch.device("cpu"))
         self._rec = Recorder(mm, config, device, scaler)
         traced_ids = {id(m): i for i, (_, m) in enumerate(mm.traced)}
@@ -86,29 +92,40 @@ class Watcher:
             raise GradwatchError("step() was called after close(); create a new watcher with "
                                  "gradwatch.watch(...) to keep recording.")
         _check_loss(loss)
-        self._warn_once_if_store_failed()
         rec = self._rec
-        if rec.recording:
-            if not self._optimizers and self._ratio_due():
-                rec.measure_update(0, self._spec(None))
-            skipped = (not rec.stepped) if self._optimizers else None
-            if self._optimizers and not rec.stepped:
-                rec.lrs = [g.get("lr") for opt in self._optimizers for g in opt.param_groups]
-            window_end = (self._recorded + 1) % self.config.dead_window == 0
-            row = rec.finish_step(self._step, loss, window_end, self.config.weight_norm)
-            row.skipped = skipped
-            self._rows.append(row)
-            self._recorded += 1
-            self._send_new_sites()
-        else:
+        try:
+            if rec.recording:
+                self._record_step(loss)
+            else:
+                rec.skip_step()
+        except Exception as e:  # noqa: BLE001 - gradwatch must not crash the user's training
+            rec.internal_error(e)
             rec.skip_step()
         self._step += 1
         rec.recording = self._step % self.config.every == 0
-        if not self._optimizers and rec.recording and self._ratio_due():
-            rec.snapshot(0, self._spec(None))  # no optimizer hook to wrap the update: copy now
-        if (time.monotonic() - self._last_flush >= self.config.flush_every
-                or len(self._rows) >= MAX_ROWS_PER_FLUSH):
-            self._flush()
+        try:
+            if not self._optimizers and rec.recording and self._ratio_due():
+                rec.snapshot(0, self._spec(None))  # no optimizer hook to wrap the update: copy now
+            if (time.monotonic() - self._last_flush >= self.config.flush_every
+                    or len(self._rows) >= MAX_ROWS_PER_FLUSH):
+                self._flush()
+        except Exception as e:  # noqa: BLE001
+            rec.internal_error(e)
+        self._warn_once_if_failed()
+
+    def _record_step(self, loss) -> None:
+        rec = self._rec
+        if not self._optimizers and self._ratio_due():
+            rec.measure_update(0, self._spec(None))
+        skipped = (not rec.stepped) if self._optimizers else None
+        if self._optimizers and not rec.stepped:
+            rec.lrs = [g.get("lr") for opt in self._optimizers for g in opt.param_groups]
+        window_end = (self._recorded + 1) % self.config.dead_window == 0
+        row = rec.finish_step(self._step, loss, window_end, self.config.weight_norm)
+        row.skipped = skipped
+        self._rows.append(row)
+        self._recorded += 1
+        self._send_new_sites()
 
     def flush(self) -> None:
         """Write every recorded step now and wait until it is committed (a host sync on GPU)."""
@@ -129,7 +146,7 @@ class Watcher:
             finally:
                 self._writer.close(Rows(meta={"status": status, "end_time": time.time(),
                                               "steps": self._step}))
-                self._warn_once_if_store_failed()
+                self._warn_once_if_failed()
 
     def __enter__(self) -> Watcher:
         return self
@@ -161,14 +178,21 @@ class Watcher:
             self._layout.n_sites[0] = len(self._rec.sites)
             sites.clear()
 
-    def _warn_once_if_store_failed(self) -> None:
-        err = self._writer.error
-        if err is not None and not self._warned:
-            self._warned = True
-            warnings.warn(GradwatchWarning(
-                f"gradwatch could not write its store in {str(self.run_dir)!r} ({type(err).__name__}: {err}); "
-                "training goes on, and gradwatch keeps retrying, but steps may be lost. Free disk space "
-                "or check the folder's permissions."), stacklevel=3)
+    def _warn_once_if_failed(self) -> None:
+        if self._warned:
+            return
+        store, internal = self._writer.error, self._rec.first_error
+        if store is not None:
+            msg = (f"gradwatch could not write its store in {str(self.run_dir)!r} ({type(store).__name__}: "
+                   f"{store}); training goes on, and gradwatch keeps retrying, but steps may be lost. Free disk "
+                   "space or check the folder's permissions.")
+        elif internal is not None:
+            msg = (f"gradwatch hit an internal error and skips what it could not measure; training goes on "
+                   f"({type(internal).__name__}: {internal}). Please report it with your model's structure.")
+        else:
+            return
+        self._warned = True
+        warnings.warn(GradwatchWarning(msg), stacklevel=3)
 
     def _ratio_due(self) -> bool:
         every = self.config.update_every
