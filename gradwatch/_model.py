@@ -62,9 +62,12 @@ class ModelMap:
             "trainable_parameters": trainable,
             "layers": [
                 {"name": ly.name, "type": type(ly.module).__name__, "parameters": ly.n_params,
-                 "trainable": any(p.requires_grad for p in ly.params)}
+                 "trainable": any(p.requires_grad for p in ly.params),
+                 "shapes": {n: list(p.shape) for n, p in ly.module.named_parameters(recurse=False)}}
                 for ly in self.layers
             ],
+            # every module, in registration order: detectors look for e.g. a Softmax at the very end
+            "modules": [[name or ROOT_NAME, type(m).__name__] for name, m in model.named_modules()],
             "activations": [{"name": a.name, "type": type(a.module).__name__, "kind": a.kind}
                             for a in self.activations],
         }

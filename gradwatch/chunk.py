@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .recorder import ABSENT, StepRow
-from .store.schema import FORWARD_NONFINITE, GRAD_NONFINITE, LOSS_NAN
+from .store.schema import EVAL_FORWARD, FORWARD_NONFINITE, GRAD_NONFINITE, LOSS_NAN
 from .store.writer import Rows
 
 
@@ -91,6 +91,9 @@ class Chunk:
         if loss is not None and math.isnan(loss):
             flags |= LOSS_NAN
         total = math.sqrt(f["grad_total_sq"][0]) if "grad_total_sq" in f else None
+        nonfinite_flags = flags
+        if row.eval_forward:
+            flags |= EVAL_FORWARD
         lrs = [float(f[f"lr@{i}"][0]) if lr is None else lr for i, lr in enumerate(row.lrs)]
         out.steps.append((
             row.step, row.time, None if loss is None or math.isnan(loss) else loss,
@@ -99,7 +102,7 @@ class Chunk:
             float(f["loss_scale"][0]) if "loss_scale" in f else None, flags,
         ))
         grad_probe = f.get("grad_maxabs", f.get("grad_norm"))
-        event = self._nonfinite_event(row, loss, probes, layer_bad, grad_probe) if flags else None
+        event = self._nonfinite_event(row, loss, probes, layer_bad, grad_probe) if nonfinite_flags else None
         # A streak of non-finite steps is reported once, at its onset: after it, NaN weights make every
         # later step "produce" NaN again, which names a victim rather than the cause.
         if event and self.layout.last_event is None:

@@ -49,7 +49,7 @@ class _GradReady(_Hook):
 
 class _ForwardStart(_Hook):
     def run(self, module, args):
-        self.rec.on_forward_start()
+        self.rec.on_forward_start(module.training)
 
 
 class _ModuleOutput(_Hook):
@@ -93,8 +93,7 @@ def install(model: nn.Module, mm: ModelMap, rec: Recorder, cfg, optimizers: list
         if cfg.grad_norm or cfg.grad_maxabs:
             handles += [p.register_post_accumulate_grad_hook(_GradReady(rec))
                         for p in mm.params if p.requires_grad]
-        if cfg.activations or cfg.trace_nonfinite:
-            handles.append(model.register_forward_pre_hook(_ForwardStart(rec)))
+        handles.append(model.register_forward_pre_hook(_ForwardStart(rec)))
         if cfg.activations:
             handles += [a.module.register_forward_hook(_ActivationOutput(rec, i))
                         for i, a in enumerate(mm.activations)]

@@ -18,6 +18,8 @@ MAX_SITES_PER_MODULE = 4  # calls of one activation module per forward kept apar
 ABSENT = -1.0  # grad norm of a layer none of whose parameters has a .grad this step (norms are >= 0)
 MAX_PROBES_PER_STEP = 4096  # NaN tracing stops for the rest of a step past this many module calls
 _engine = torch.autograd.Variable._execution_engine
+# -1 outside backward. Inside it, a forward is activation-checkpoint recomputation, already counted.
+_graph_task_id = torch._C._current_graph_task_id
 
 
 @dataclass
@@ -57,6 +59,7 @@ class StepRow:
     flat: torch.Tensor | None
     sites: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # field -> [(site, numel)]
     trace: list[tuple[int, tuple[int, ...], int]] = field(default_factory=list)  # (module, in probes, out)
+    eval_forward: bool = False  # a training forward (grad enabled) ran in eval() mode
 
 
 class Recorder:
@@ -68,7 +71,6 @@ class Recorder:
         self.recording = True
         self.sites: list[Site] = []
         self._site_of: dict[tuple[int, int], Site] = {}
-        self._calls = [0] * len(mm.activations)
         self._subsets: dict[tuple[int, ...], tuple] = {}
         # No tied weights: pair i is param i, so per-parameter values need no gather.
         self._pairs_are_params = mm.param_of_pair == list(range(len(mm.params)))
@@ -150,12 +152,15 @@ class Recorder:
         return s._scale.reshape(()).float().clone()
 
     # ---- forward: activations and NaN tracing ----------------------------------------------------
-    def on_forward_start(self) -> None:
+    def on_forward_start(self, training: bool) -> None:
         self._calls = [0] * len(self._calls)
         self._seen.clear()
+        if torch.is_grad_enabled() and not training and _graph_task_id() == -1:
+            self.eval_forward = True
 
     def on_activation(self, a: int, args: tuple, out) -> None:
-        if not (self.recording and torch.is_grad_enabled() and isinstance(out, torch.Tensor)):
+        if not (self.recording and torch.is_grad_enabled() and isinstance(out, torch.Tensor)) \
+                or _graph_task_id() != -1:
             return
         with torch.no_grad():
             self._activation(a, args, out)
@@ -196,7 +201,8 @@ class Recorder:
         return site
 
     def on_module_output(self, m: int, args: tuple, kwargs: dict, out) -> None:
-        if not (self.recording and torch.is_grad_enabled()) or len(self._probes) >= MAX_PROBES_PER_STEP:
+        if not (self.recording and torch.is_grad_enabled()) or len(self._probes) >= MAX_PROBES_PER_STEP \
+                or _graph_task_id() != -1:
             return
         ins = [t for t in args if isinstance(t, torch.Tensor)]
         ins += [t for t in kwargs.values() if isinstance(t, torch.Tensor)] if kwargs else []
@@ -326,7 +332,7 @@ class Recorder:
             else:
                 lrs.append(float("nan") if lr is None else float(lr))
         row = StepRow(step, time.time(), host_loss, lrs, None, layout,
-                      torch.cat(parts) if parts else None, row_sites, self._trace)
+                      torch.cat(parts) if parts else None, row_sites, self._trace, self.eval_forward)
         self._reset_step()
         return row
 
@@ -344,7 +350,9 @@ class Recorder:
         self._snap: dict[int, list[torch.Tensor]] = {}
         self._ratio: torch.Tensor | None = None
         self.stepped = False
+        self.eval_forward = False  # a grad-enabled forward ran with the model in eval() mode
         self.lrs: list = []
+        self._calls = [0] * len(self.mm.activations)
 
 
 def _nonneg(module) -> bool:

@@ -13,7 +13,15 @@ import numpy as np
 import pandas as pd
 
 from ..errors import GradwatchError
-from .schema import DB_NAME, FORWARD_NONFINITE, GRAD_NONFINITE, LOSS_NAN, METRIC_KIND, SCHEMA_VERSION
+from .schema import (
+    DB_NAME,
+    EVAL_FORWARD,
+    FORWARD_NONFINITE,
+    GRAD_NONFINITE,
+    LOSS_NAN,
+    METRIC_KIND,
+    SCHEMA_VERSION,
+)
 
 STALE_AFTER_S = 600.0  # a "running" run not updated for this long, on another host, reads as crashed
 
@@ -83,13 +91,14 @@ class Run:
         df["loss_scale"] = df["loss_scale"].astype(float)
         df["skipped"] = df["skipped"].astype("boolean")
         df["nonfinite"] = (flags & (LOSS_NAN | GRAD_NONFINITE | FORWARD_NONFINITE)) > 0
+        df["eval_mode"] = (flags & EVAL_FORWARD) > 0
         lrs = [json.loads(v) if v else [] for v in df["lrs"]]
         width = max((len(v) for v in lrs), default=0)
         for g in range(max(width, 1)):
             df["lr" if g == 0 else f"lr_{g}"] = [v[g] if g < len(v) and v[g] is not None else np.nan
                                                  for v in lrs]
         cols = ["step", "time", "loss", "lr"] + [f"lr_{g}" for g in range(1, width)]
-        return df[cols + ["grad_norm", "skipped", "loss_scale", "nonfinite"]]
+        return df[cols + ["grad_norm", "skipped", "loss_scale", "nonfinite", "eval_mode"]]
 
     def wide(self, metric: str) -> pd.DataFrame:
         """One metric as a steps x layers frame (index: step; columns: layer names in model order)."""

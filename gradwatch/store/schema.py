@@ -26,6 +26,7 @@ METRIC_KIND = {**{m: "layer" for m in LAYER_METRICS}, **{m: "activation" for m i
 LOSS_NAN = 1
 GRAD_NONFINITE = 2
 FORWARD_NONFINITE = 4
+EVAL_FORWARD = 8  # a forward with gradients on ran while the model was in eval() mode
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (
