@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .recorder import ABSENT, StepRow
-from .store.schema import EVAL_FORWARD, FORWARD_NONFINITE, GRAD_NONFINITE, LOSS_NAN
+from .store.schema import EVAL_FORWARD, FORWARD_NONFINITE, GRAD_NONFINITE, LOSS_NONFINITE
 from .store.writer import Rows
 
 
@@ -85,11 +85,12 @@ class Chunk:
             if metric in f:
                 self._put(out, metric, row.step, f[metric])
         self._site_rows(row, f, out)
-        probes = f.get("probes", np.zeros(0, np.float32))
+        minmax = f.get("probes", np.zeros(0, np.float32)).reshape(-1, 2)  # (min, max) per probe
+        probes = np.where(np.isnan(minmax).any(1), np.nan, np.where(np.isfinite(minmax).all(1), 0.0, np.inf))
         if not np.isfinite(probes).all():
             flags |= FORWARD_NONFINITE
-        if loss is not None and math.isnan(loss):
-            flags |= LOSS_NAN
+        if loss is not None and not math.isfinite(loss):
+            flags |= LOSS_NONFINITE
         total = math.sqrt(f["grad_total_sq"][0]) if "grad_total_sq" in f else None
         nonfinite_flags = flags
         if row.eval_forward:

@@ -201,13 +201,13 @@ class Recorder:
         return site
 
     def on_module_output(self, m: int, args: tuple, kwargs: dict, out) -> None:
-        if not (self.recording and torch.is_grad_enabled()) or len(self._probes) >= MAX_PROBES_PER_STEP \
+        if not (self.recording and torch.is_grad_enabled()) or len(self._probes) >= 2 * MAX_PROBES_PER_STEP \
                 or _graph_task_id() != -1:
             return
         ins = [t for t in args if isinstance(t, torch.Tensor)]
         ins += [t for t in kwargs.values() if isinstance(t, torch.Tensor)] if kwargs else []
         with torch.no_grad():
-            self._trace.append((m, tuple(self._probe_of(t) for t in ins), self._probe_of(out)))
+            self._trace.append((m, tuple(self._probe_of(t, is_input=True) for t in ins), self._probe_of(out)))
 
     def on_pass_through(self, args: tuple, out) -> None:
         if self.recording and args and torch.is_grad_enabled():
@@ -215,21 +215,28 @@ class Recorder:
 
     def _alias(self, src, out) -> None:
         if isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor):
-            idx = self._cached(src)
+            idx = self._cached(src, any_version=True)
             if idx is not None:
                 self._seen[id(out)] = (weakref.ref(out), idx, out._version)
 
-    def _cached(self, t: torch.Tensor) -> int | None:
-        """The probe of a tensor seen earlier in this forward, unless it was modified in place since."""
+    def _cached(self, t: torch.Tensor, any_version: bool) -> int | None:
+        """The probe of a tensor seen earlier in this forward.
+
+        An input's probe is its verdict from before this module ran, even if the module then changed it in
+        place (`any_version`); an output modified in place since it was probed needs a new probe.
+        """
         hit = self._seen.get(id(t))
-        if hit is not None and hit[0]() is t and hit[2] == t._version:
+        if hit is not None and hit[0]() is t and (any_version or hit[2] == t._version):
             return hit[1]
         return None
 
-    def _probe_of(self, value) -> int:
-        """Index of a finiteness probe for `value`; a tensor already probed this forward is reused."""
+    def _probe_of(self, value, is_input: bool = False) -> int:
+        """Index of a finiteness probe for `value`; a tensor already probed this forward is reused.
+
+        Probe i lives at positions 2i (min) and 2i+1 (max) of the step's probe vector.
+        """
         if isinstance(value, torch.Tensor):
-            idx = self._cached(value)
+            idx = self._cached(value, any_version=is_input)
             if idx is not None:
                 return idx
             tensors = [value]
@@ -238,8 +245,8 @@ class Recorder:
         probe = stats.finite_probe(tensors)
         if probe is None:
             return -1
-        self._probes.append(probe)
-        idx = len(self._probes) - 1
+        self._probes.extend(probe)
+        idx = len(self._probes) // 2 - 1
         if isinstance(value, torch.Tensor):
             self._seen[id(value)] = (weakref.ref(value), idx, value._version)
         return idx

@@ -26,8 +26,9 @@ def sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Squared L2 norm of each tensor, as one float32 vector on the tensors' device. Call under no_grad."""
     dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
     if dense[0].is_cuda or any(t.dtype != torch.float32 or not t.is_contiguous() for t in dense):
-        # One fused kernel on CUDA; the CPU fallback loops over tensors but accumulates in float32.
-        norms = torch.stack(torch._foreach_norm(dense)).float()
+        # One fused kernel on CUDA; the CPU fallback loops over tensors. Both accumulate in float32, so a
+        # bf16 norm keeps float32 accuracy and an fp16 norm above 65504 stays finite.
+        norms = torch.stack(torch._foreach_norm(dense, 2, dtype=torch.float32))
         return norms * norms
     # On CPU a BLAS dot is twice as fast as the norm kernel (measured on 2 cores, torch 2.13).
     flat = [t if t.dim() == 1 else t.view(-1) for t in dense]
@@ -52,18 +53,21 @@ def per_layer(values: torch.Tensor, index: torch.Tensor, n_layers: int, reduce: 
     return out.scatter_reduce_(0, index, values, "amax", include_self=False)
 
 
-def finite_probe(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """A 0-dim float32 that is finite iff every floating tensor is (NaN and Inf survive a sum).
+def finite_probe(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (min, max) over every floating tensor, 0-dim float32 each; None when there is none.
 
-    A finite tensor whose float32 sum overflows (|sum| > 3e38) reads as non-finite too; such values
-    are already beyond anything a healthy run produces.
+    Both are finite iff every value is; a NaN makes them NaN, and an Inf shows up with its sign. One pass
+    per tensor and no arithmetic, so unlike a sum it cannot overflow into a false alarm.
     """
-    probe = None
+    lo = hi = None
     for t in tensors:
         if t.is_floating_point() and t.numel():
-            s = t.sum(dtype=torch.float32)
-            probe = s if probe is None else probe + s
-    return probe
+            a, b = torch.aminmax(t)
+            lo = a if lo is None else torch.minimum(lo, a)
+            hi = b if hi is None else torch.maximum(hi, b)
+    if lo is None:
+        return None
+    return (lo, hi) if lo.dtype == torch.float32 else (lo.float(), hi.float())
 
 
 def unit_dim(shape: torch.Size, channels_first: bool) -> int:
@@ -80,7 +84,7 @@ def unit_dim(shape: torch.Size, channels_first: bool) -> int:
 def unit_max(out: torch.Tensor, dim: int) -> torch.Tensor:
     """Largest value of each unit over every sample and position: a unit is alive iff this is > 0."""
     dims = [d for d in range(out.ndim) if d != dim]
-    m = out.amax(dim=dims) if dims else out
+    m = out.amax(dim=dims) if dims else out.clone()  # a clone: the caller accumulates into it in place
     return m if m.dtype == torch.float32 else m.float()
 
 

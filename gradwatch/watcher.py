@@ -72,6 +72,8 @@ class Watcher:
         except BaseException:
             self._writer.close(Rows(meta={"status": "crashed", "end_time": time.time()}))
             raise
+        if not optimizers and self._ratio_due():
+            self._rec.snapshot(0, self._spec(None))  # so that step 0 has an update ratio too
         self._last_flush = time.monotonic()
         atexit.register(self._at_exit)
 

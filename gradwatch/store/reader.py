@@ -18,7 +18,7 @@ from .schema import (
     EVAL_FORWARD,
     FORWARD_NONFINITE,
     GRAD_NONFINITE,
-    LOSS_NAN,
+    LOSS_NONFINITE,
     METRIC_KIND,
     SCHEMA_VERSION,
 )
@@ -86,11 +86,11 @@ class Run:
         df = pd.DataFrame(rows, columns=["step", "time", "loss", "grad_norm", "lrs", "skipped",
                                          "loss_scale", "flags"])
         flags = df["flags"].fillna(0).astype(int)
-        df["loss"] = df["loss"].astype(float).mask((flags & LOSS_NAN) > 0, np.nan)
+        df["loss"] = df["loss"].astype(float)  # NULL (no loss, or NaN) reads as NaN; Inf is kept
         df["grad_norm"] = df["grad_norm"].astype(float)
         df["loss_scale"] = df["loss_scale"].astype(float)
         df["skipped"] = df["skipped"].astype("boolean")
-        df["nonfinite"] = (flags & (LOSS_NAN | GRAD_NONFINITE | FORWARD_NONFINITE)) > 0
+        df["nonfinite"] = (flags & (LOSS_NONFINITE | GRAD_NONFINITE | FORWARD_NONFINITE)) > 0
         df["eval_mode"] = (flags & EVAL_FORWARD) > 0
         lrs = [json.loads(v) if v else [] for v in df["lrs"]]
         width = max((len(v) for v in lrs), default=0)

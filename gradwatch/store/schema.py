@@ -22,8 +22,8 @@ LAYER_METRICS = ("grad_norm", "grad_maxabs", "weight_norm", "update_ratio", "non
 ACTIVATION_METRICS = ("dead_fraction", "zero_fraction", "saturation_fraction")
 METRIC_KIND = {**{m: "layer" for m in LAYER_METRICS}, **{m: "activation" for m in ACTIVATION_METRICS}}
 
-# steps.flags bits. SQLite stores a NaN REAL as NULL, so a NaN loss is kept as a flag.
-LOSS_NAN = 1
+# steps.flags bits. SQLite stores a NaN REAL as NULL: a NULL loss with this bit set was NaN.
+LOSS_NONFINITE = 1
 GRAD_NONFINITE = 2
 FORWARD_NONFINITE = 4
 EVAL_FORWARD = 8  # a forward with gradients on ran while the model was in eval() mode
