@@ -55,6 +55,11 @@ def _patterns(arg: str, value) -> list[str] | None:
 
 def prepare_run_dir(run_dir, name: str | None, overwrite: bool) -> Path:
     """Create the run folder, or fail now, before any training, with the reason."""
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"watch: name must be a str, got name={name!r} ({type(name).__name__}); it names "
+                        "runs/<name> when run_dir is not given.")
+    if name is not None and (not name or "/" in name or name in (".", "..")):
+        raise GradwatchError(f"watch: name must be a non-empty folder name without '/', got name={name!r}.")
     if run_dir is None:
         base = Path("runs") / (name or time.strftime("%Y%m%d-%H%M%S"))
         path, n = base, 1

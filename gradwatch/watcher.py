@@ -37,10 +37,10 @@ class Watcher:
         self.model, self.config, self.run_dir = model, config, run_dir
         self._optimizers, self._scaler = optimizers, scaler
         self._mm = mm = map_model(model, include, exclude)
-        if include and not (mm.layers or mm.activations or mm.traced):
+        if not (mm.layers or mm.activations or mm.traced):
             names = [n for n, _ in model.named_modules() if n][:8]
-            raise GradwatchError(f"watch: include={include!r} matches no module; module names look like "
-                                 f"{names}. Use glob patterns such as 'encoder.*'.")
+            raise GradwatchError(f"watch: include={include!r}, exclude={exclude!r} leave no module to watch; "
+                                 f"module names look like {names}. Use glob patterns such as 'encoder.*'.")
         if config.activations and mm.layers and not mm.activations:
             log.info("gradwatch: %s has no activation modules; activations called as functions (F.relu) "
                      "cannot be hooked, so no dead-unit or saturation stats. Use nn.ReLU/nn.Tanh modules "

@@ -26,16 +26,20 @@ def export_run(run_dir: str | Path, fmt: str = "csv", out_dir: str | Path | None
                                  ) from None
     run = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run.path / "export"
-    out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in ("steps", "layers", "events"):
-        frame = getattr(run, name)
-        path = out / f"{name}.{fmt}"
-        if fmt == "csv":
-            frame.to_csv(path, index=False)
-        else:
-            frame.to_parquet(path, index=False)
-        written.append(path)
-    meta = out / "meta.json"
-    meta.write_text(json.dumps(run.meta, indent=2, default=str))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("steps", "layers", "events"):
+            frame = getattr(run, name)
+            path = out / f"{name}.{fmt}"
+            if fmt == "csv":
+                frame.to_csv(path, index=False)
+            else:
+                frame.to_parquet(path, index=False)
+            written.append(path)
+        meta = out / "meta.json"
+        meta.write_text(json.dumps(run.meta, indent=2, default=str))
+    except OSError as e:
+        raise GradwatchError(f"export: cannot write to the output folder {str(out)!r} ({e.strerror or e}); "
+                             "pass a folder you can write to with -o.") from None
     return written + [meta]

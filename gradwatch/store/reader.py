@@ -174,6 +174,9 @@ def list_runs(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
     Returns:
         One row per run: run, path, status, steps, last_step, started, updated, model.
     """
+    if not isinstance(runs_dir, (str, os.PathLike)):
+        raise TypeError(f"list_runs: runs_dir must be a path (str or os.PathLike), got runs_dir={runs_dir!r} "
+                        f"({type(runs_dir).__name__})")
     root = Path(runs_dir)
     if not root.is_dir():
         raise GradwatchError(f"list_runs: runs_dir={str(runs_dir)!r} is not a folder; pass the folder that "
