@@ -1,23 +1,26 @@
 """gradwatch: per-layer training diagnostics for PyTorch.
 
-`load_run` and `list_runs` never import torch; `watch` imports it on first use.
+Everything but the errors is imported on first use: `watch` brings in torch, and `load_run`/`list_runs`
+bring in pandas but never torch, so neither pays for the other.
 """
 __version__ = "0.1.0"
 
 from .errors import GradwatchError, GradwatchWarning
-from .store.reader import Run, list_runs, load_run
 
 __all__ = ["GradwatchError", "GradwatchWarning", "Run", "WatchConfig", "Watcher", "list_runs", "load_run",
            "watch"]
 
+_LAZY = {"watch": "watcher", "Watcher": "watcher", "WatchConfig": "config",
+         "load_run": "store.reader", "list_runs": "store.reader", "Run": "store.reader"}
+
 
 def __getattr__(name):
-    if name in ("watch", "Watcher"):
-        from . import watcher
+    if name in _LAZY:
+        import importlib
 
-        return getattr(watcher, name)
-    if name == "WatchConfig":
-        from .config import WatchConfig
-
-        return WatchConfig
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__ + ["__version__"])

@@ -5,6 +5,7 @@ thread, waits for the copy there, and does all the host-side work, including nam
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -56,76 +57,98 @@ class Chunk:
                 time.sleep(0.0005)
         host = self._host.numpy() if self._host is not None else np.zeros(0, np.float32)
         out, pos = Rows(), 0
-        for row in self.steps:
-            fields: dict[str, np.ndarray] = {}
-            for name, n in row.layout:
-                fields[name] = host[pos: pos + n]
-                pos += n
-            self._step_rows(row, fields, out)
+        # Consecutive steps nearly always share a layout: each run of them is one [steps x width] block,
+        # and every field is a column slice of it, so the work here does not grow per step in Python.
+        for layout, run in itertools.groupby(self.steps, key=lambda r: tuple(r.layout)):
+            run = list(run)
+            width = sum(n for _, n in layout)
+            block = host[pos: pos + width * len(run)].reshape(len(run), width)
+            pos += block.size
+            cols, c = {}, 0
+            for name, n in layout:
+                cols[name] = block[:, c: c + n]
+                c += n
+            self._run_rows(run, cols, out)
         return out
 
-    def _step_rows(self, row: StepRow, f: dict[str, np.ndarray], out: Rows) -> None:
-        loss = float(f["loss"][0]) if "loss" in f else row.loss
-        flags = 0
-        layer_bad = np.zeros(len(self.layout.layer_names), dtype=bool)
-        if "grad_norm" in f:
-            norm = f["grad_norm"].copy()
+    def _run_rows(self, run: list[StepRow], cols: dict[str, np.ndarray], out: Rows) -> None:
+        steps = [r.step for r in run]
+        n_layers = len(self.layout.layer_names)
+        if "loss" in cols:
+            loss = cols["loss"][:, 0].astype(np.float64)
+        else:
+            loss = np.array([np.nan if r.loss is None else r.loss for r in run], dtype=np.float64)
+        has_loss = np.array(["loss" in cols or r.loss is not None for r in run])
+        flags = np.zeros(len(run), dtype=np.int64)
+        layer_bad = np.zeros((len(run), n_layers), dtype=bool)
+        grad_probe = None
+        if "grad_norm" in cols:
+            norm = cols["grad_norm"].copy()
             absent = norm == ABSENT
-            probe = f.get("grad_maxabs", norm)
-            layer_bad = ~np.isfinite(probe) & ~absent
+            grad_probe = cols.get("grad_maxabs", norm)
+            layer_bad = ~np.isfinite(grad_probe) & ~absent
             norm[absent] = np.nan
             norm[layer_bad] = np.inf  # a NaN norm would read as "not measured"
-            self._put(out, "grad_norm", row.step, norm)
-            self._put(out, "nonfinite", row.step, np.where(absent, np.nan, layer_bad.astype(np.float32)))
-            if "grad_maxabs" in f:
-                self._put(out, "grad_maxabs", row.step, np.where(absent, np.nan, f["grad_maxabs"]))
-            if layer_bad.any():
-                flags |= GRAD_NONFINITE
+            self._put(out, "grad_norm", steps, norm)
+            self._put(out, "nonfinite", steps, np.where(absent, np.nan, layer_bad))
+            if "grad_maxabs" in cols:
+                self._put(out, "grad_maxabs", steps, np.where(absent, np.nan, cols["grad_maxabs"]))
+            flags |= GRAD_NONFINITE * layer_bad.any(axis=1)
         for metric in ("weight_norm", "update_ratio"):
-            if metric in f:
-                self._put(out, metric, row.step, f[metric])
-        self._site_rows(row, f, out)
-        minmax = f.get("probes", np.zeros(0, np.float32)).reshape(-1, 2)  # (min, max) per probe
-        probes = np.where(np.isnan(minmax).any(1), np.nan, np.where(np.isfinite(minmax).all(1), 0.0, np.inf))
-        if not np.isfinite(probes).all():
-            flags |= FORWARD_NONFINITE
-        if loss is not None and not math.isfinite(loss):
-            flags |= LOSS_NONFINITE
-        total = math.sqrt(f["grad_total_sq"][0]) if "grad_total_sq" in f else None
-        nonfinite_flags = flags
-        if row.eval_forward:
-            flags |= EVAL_FORWARD
-        lrs = [float(f[f"lr@{i}"][0]) if lr is None else lr for i, lr in enumerate(row.lrs)]
-        out.steps.append((
-            row.step, row.time, None if loss is None or math.isnan(loss) else loss,
-            None if total is None else (total if math.isfinite(total) else math.inf),
-            json.dumps(lrs) if lrs else None, None if row.skipped is None else int(row.skipped),
-            float(f["loss_scale"][0]) if "loss_scale" in f else None, flags,
-        ))
-        grad_probe = f.get("grad_maxabs", f.get("grad_norm"))
-        event = self._nonfinite_event(row, loss, probes, layer_bad, grad_probe) if nonfinite_flags else None
-        # A streak of non-finite steps is reported once, at its onset: after it, NaN weights make every
-        # later step "produce" NaN again, which names a victim rather than the cause.
-        if event and self.layout.last_event is None:
-            out.events.append(event)
-        self.layout.last_event = event[2:4] if event else None
+            if metric in cols:
+                self._put(out, metric, steps, cols[metric])
+        self._site_rows(run, cols, steps, out)
+        minmax = cols["probes"].reshape(len(run), -1, 2) if "probes" in cols else np.zeros((len(run), 0, 2))
+        flags |= FORWARD_NONFINITE * ~np.isfinite(minmax).all(axis=(1, 2))
+        flags |= LOSS_NONFINITE * (has_loss & ~np.isfinite(loss))
+        nonfinite = flags.copy()
+        flags |= EVAL_FORWARD * np.array([r.eval_forward for r in run])
+        total = np.sqrt(cols["grad_total_sq"][:, 0].astype(np.float64)) if "grad_total_sq" in cols else None
+        scale = cols["loss_scale"][:, 0] if "loss_scale" in cols else None
+        for i, r in enumerate(run):
+            lrs = [float(cols[f"lr@{g}"][i, 0]) if lr is None else lr for g, lr in enumerate(r.lrs)]
+            li = float(loss[i])
+            out.steps.append((
+                r.step, r.time, None if math.isnan(li) else li,
+                None if total is None else (float(total[i]) if math.isfinite(total[i]) else math.inf),
+                json.dumps(lrs) if lrs else None, None if r.skipped is None else int(r.skipped),
+                None if scale is None else float(scale[i]), int(flags[i]),
+            ))
+            if not nonfinite[i]:
+                self.layout.last_event = None
+                continue
+            event = self._nonfinite_event(r, li if has_loss[i] else None, _probe_kinds(minmax[i]), layer_bad[i],
+                                          None if grad_probe is None else grad_probe[i])
+            # A streak of non-finite steps is reported once, at its onset: after it, NaN weights make
+            # every later step "produce" NaN again, which names a victim rather than the cause.
+            if event and self.layout.last_event is None:
+                out.events.append(event)
+            self.layout.last_event = event[2:4] if event else None
 
-    def _site_rows(self, row: StepRow, f: dict[str, np.ndarray], out: Rows) -> None:
-        for metric, entries in row.sites.items():
-            vec = np.full(self.n_sites, np.nan, dtype=np.float32)
-            for site, numel in entries:
-                v = float(f[f"{metric}@{site}"][0])
-                vec[site] = 1.0 - v / numel if metric == "zero_fraction" else (
-                    v if metric == "dead_fraction" else v / numel)
-            self._put(out, metric, row.step, vec)
+    def _site_rows(self, run: list[StepRow], cols: dict[str, np.ndarray], steps: list[int], out: Rows) -> None:
+        for metric, entries in run[0].sites.items():  # one layout, so every step has the same sites
+            sites = [site for site, _ in entries]
+            raw = np.stack([cols[f"{metric}@{site}"][:, 0] for site in sites], axis=1).astype(np.float64)
+            numel = np.array([[n for _, n in r.sites[metric]] for r in run], dtype=np.float64)
+            if metric == "zero_fraction":
+                raw = 1.0 - raw / numel
+            elif metric == "saturation_fraction":
+                raw = raw / numel
+            mat = np.full((len(run), self.n_sites), np.nan, dtype=np.float32)
+            mat[:, sites] = raw
+            self._put(out, metric, steps, mat)
 
     @staticmethod
-    def _put(out: Rows, metric: str, step: int, values: np.ndarray) -> None:
-        out.values.append((metric, step, np.ascontiguousarray(values, dtype="<f4").tobytes()))
+    def _put(out: Rows, metric: str, steps: list[int], values: np.ndarray) -> None:
+        data = np.ascontiguousarray(values, dtype="<f4")
+        out.values.extend((metric, step, data[i].tobytes()) for i, step in enumerate(steps))
 
-    def _nonfinite_event(self, row: StepRow, loss, probes: np.ndarray, layer_bad: np.ndarray,
-                         grad_probe: np.ndarray) -> tuple | None:
-        """The producer: the first module, in execution order, whose inputs are finite and output is not."""
+    def _nonfinite_event(self, row: StepRow, loss: float | None, probes: np.ndarray, layer_bad: np.ndarray,
+                         grad_probe: np.ndarray | None) -> tuple | None:
+        """The producer: the first module, in execution order, whose inputs are finite and output is not.
+
+        `probes` holds 0.0 (finite), NaN or Inf per probe.
+        """
         bad = ~np.isfinite(probes)
         traced = self.layout.traced
         for m, ins, out_probe in row.trace:
@@ -166,6 +189,12 @@ class Chunk:
 
     def _event(self, row: StepRow, kind: str, phase: str, module: str, detail: str) -> tuple:
         return (row.step, kind, phase, module, self.layout.rank, None, detail)
+
+
+def _probe_kinds(minmax: np.ndarray) -> np.ndarray:
+    """(min, max) pairs -> 0.0 when both are finite, NaN when either is NaN, else Inf."""
+    finite = np.where(np.isfinite(minmax).all(axis=1), 0.0, np.inf)
+    return np.where(np.isnan(minmax).any(axis=1), np.nan, finite)
 
 
 def _nan_or_inf(x: float) -> str:

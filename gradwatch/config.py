@@ -16,8 +16,9 @@ class WatchConfig:
     """
 
     every: int = 1  # record one optimizer step in `every`; on the others the hooks return at once
-    grad_norm: bool = True  # per-layer L2 norm of the gradient, after accumulation and before clipping
-    grad_maxabs: bool = True  # per-layer max |g| (one more pass over the gradients)
+    grad_norm: bool = True  # per-layer L2 norm of the gradient, after accumulation and before clipping;
+    #                         False turns off every gradient statistic (and the gradient hooks)
+    grad_maxabs: bool = True  # per-layer max |g| (one more pass over the gradients), with grad_norm
     weight_norm: bool = True  # per-layer L2 norm of the weights after the update (one pass over the weights)
     update_every: int = 10  # ||dw||/||w|| on one recorded step in `update_every`; 0 turns it off
     update_memory_mb: float = 256.0  # most memory the ratio's weight copy may take; more rotates layers

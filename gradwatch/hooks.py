@@ -90,7 +90,7 @@ def install(model: nn.Module, mm: ModelMap, rec: Recorder, cfg, optimizers: list
     """Register every hook gradwatch needs; the caller owns the returned handles."""
     handles = []
     try:
-        if cfg.grad_norm or cfg.grad_maxabs:
+        if cfg.grad_norm:
             handles += [p.register_post_accumulate_grad_hook(_GradReady(rec))
                         for p in mm.params if p.requires_grad]
         handles.append(model.register_forward_pre_hook(_ForwardStart(rec)))

@@ -3,7 +3,7 @@
 The reference sees the exact tensors gradwatch sees: a forward hook of our own, registered after
 gradwatch's, stores a copy of each activation module's output (or input, for saturation) for every
 forward run with grad enabled, keyed by step and by call (`name`, `name#2`). Every fraction is then
-counted here with plain tensor comparisons. All tensors are far below the 262,144-element sampling
+counted here with plain tensor comparisons. All tensors are below the 16,384-element sampling
 budget, so the recorded fractions must be exact (up to float32 rounding).
 """
 from __future__ import annotations
@@ -377,3 +377,29 @@ def test_unbatched_outputs_are_left_untouched(tmp_path):
     ref = _check_dead(run, cap, {"1": 0}, window=2, n_steps=4)
     assert all(v >= 1 / 8 for v in ref.values())
     _check_zero(run, cap, ["1"], range(4))
+
+
+def test_large_activations_are_sampled_within_tolerance(tmp_path):
+    """A 2M-element conv map is sampled (16,384 elements): the fractions stay within 2 points of exact,
+    and dead channels, which use every element, stay exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1), nn.Tanh())
+    with torch.no_grad():
+        model[0].bias[:4].fill_(-1e3)  # 4 of 32 channels dead
+        model[2].weight.mul_(8.0)  # push many tanh inputs past 2.5
+    exact = {"zero": [], "sat": []}
+    model[1].register_forward_hook(lambda m, i, o: exact["zero"].append((o <= 0).float().mean().item()))
+    model[3].register_forward_hook(lambda m, i, o: exact["sat"].append((i[0].abs() > 2.5).float().mean().item()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=2) as gw:
+        for _ in range(2):
+            loss = model(torch.randn(64, 3, 32, 32)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            gw.step(loss)
+    run = gradwatch.load_run(tmp_path / "run")
+    assert run.wide("zero_fraction")["1"].tolist() == pytest.approx(exact["zero"], abs=0.02)
+    assert run.wide("saturation_fraction")["3"].tolist() == pytest.approx(exact["sat"], abs=0.02)
+    assert 0.05 < exact["sat"][0] < 0.95  # the tolerance is not trivially met
+    assert run.wide("dead_fraction")["1"].dropna().tolist() == [4 / 32]
