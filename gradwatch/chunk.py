@@ -85,7 +85,7 @@ class Chunk:
         if "grad_norm" in cols:
             norm = cols["grad_norm"].copy()
             absent = norm == ABSENT
-            grad_probe = cols.get("grad_maxabs", norm)
+            grad_probe = cols.get("grad_maxabs", cols["grad_norm"])  # NaN/Inf as measured
             layer_bad = ~np.isfinite(grad_probe) & ~absent
             norm[absent] = np.nan
             norm[layer_bad] = np.inf  # a NaN norm would read as "not measured"

@@ -11,16 +11,20 @@ from .errors import GradwatchError
 class WatchConfig:
     """Recording schedule. Every field is also a keyword of `gradwatch.watch()`.
 
-    The defaults record everything on every optimizer step; `WatchConfig.light()` and
+    By default every optimizer step records the loss, learning rates, per-layer gradient norms,
+    activation stats and NaN tracing, and one recorded step in `detail_every` adds the three stats that
+    each cost a full extra pass over every parameter (weight norm, gradient max-abs, update ratio).
+    `detail_every=1` records them on every step too. `WatchConfig.light()` and
     `WatchConfig.grad_norms_only()` are cheaper settings for big models.
     """
 
     every: int = 1  # record one optimizer step in `every`; on the others the hooks return at once
     grad_norm: bool = True  # per-layer L2 norm of the gradient, after accumulation and before clipping;
     #                         False turns off every gradient statistic (and the gradient hooks)
-    grad_maxabs: bool = True  # per-layer max |g| (one more pass over the gradients), with grad_norm
-    weight_norm: bool = True  # per-layer L2 norm of the weights after the update (one pass over the weights)
-    update_every: int = 10  # ||dw||/||w|| on one recorded step in `update_every`; 0 turns it off
+    detail_every: int = 10  # weight norm, grad max-abs and update ratio on one recorded step in this many
+    grad_maxabs: bool = True  # per-layer max |g| on detail steps (one more pass over the gradients)
+    weight_norm: bool = True  # per-layer L2 norm of the weights on detail steps (one pass over the weights)
+    update_ratio: bool = True  # ||dw||/||w|| on detail steps (a copy of the weights, see update_memory_mb)
     update_memory_mb: float = 256.0  # most memory the ratio's weight copy may take; more rotates layers
     activations: bool = True  # dead-unit, zero and saturation fractions of activation modules
     dead_window: int = 25  # recorded steps per dead-unit window: a unit is dead if never positive in it
@@ -28,10 +32,10 @@ class WatchConfig:
     flush_every: float = 0.5  # seconds between flushes (one host copy and one write transaction)
 
     def __post_init__(self) -> None:
-        for name in ("every", "dead_window"):
+        for name in ("every", "detail_every", "dead_window"):
             _check_int(name, getattr(self, name), minimum=1)
-        _check_int("update_every", self.update_every, minimum=0)
-        for name in ("grad_norm", "grad_maxabs", "weight_norm", "activations", "trace_nonfinite"):
+        for name in ("grad_norm", "grad_maxabs", "weight_norm", "update_ratio", "activations",
+                     "trace_nonfinite"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise GradwatchError(f"{name} must be True or False, got {name}={value!r}")
@@ -48,12 +52,12 @@ class WatchConfig:
     @classmethod
     def light(cls, every: int = 10) -> WatchConfig:
         """Every stat, on one step in `every`: for big models where a per-step pass is too much."""
-        return cls(every=every, update_every=10)
+        return cls(every=every, detail_every=1)
 
     @classmethod
     def grad_norms_only(cls) -> WatchConfig:
         """Per-layer gradient norms and the loss, nothing else: the cheapest useful setting."""
-        return cls(grad_maxabs=False, weight_norm=False, update_every=0, activations=False,
+        return cls(grad_maxabs=False, weight_norm=False, update_ratio=False, activations=False,
                    trace_nonfinite=False)
 
     def replace(self, **changes: object) -> WatchConfig:

@@ -69,6 +69,7 @@ class Recorder:
         self._pair_param = torch.tensor(mm.param_of_pair, dtype=torch.long, device=device)
         self._pair_layer = torch.tensor(mm.layer_of_pair, dtype=torch.long, device=device)
         self.recording = True
+        self.detail = True  # this step also takes the grad max-abs (set by the Watcher per step)
         self.sites: list[Site] = []
         self._site_of: dict[tuple[int, int], Site] = {}
         self._subsets: dict[tuple[int, ...], tuple] = {}
@@ -118,7 +119,7 @@ class Recorder:
         layer_norm = stats.per_layer(sq[pair_param] if gather else sq, pair_layer, self.n_layers, "sum").sqrt_()
         total_sq = sq.sum()
         layer_max = None
-        if self.cfg.grad_maxabs:
+        if self.cfg.grad_maxabs and self.detail:
             mx = stats.maxabs(grads)
             layer_max = stats.per_layer(mx[pair_param] if gather else mx, pair_layer, self.n_layers, "amax")
         scale = self._scale()

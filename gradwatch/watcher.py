@@ -72,6 +72,7 @@ class Watcher:
         except BaseException:
             self._writer.close(Rows(meta={"status": "crashed", "end_time": time.time()}))
             raise
+        self._rec.detail = self._detail_due()
         if not optimizers and self._ratio_due():
             self._rec.snapshot(0, self._spec(None))  # so that step 0 has an update ratio too
         self._last_flush = time.monotonic()
@@ -105,6 +106,7 @@ class Watcher:
             rec.skip_step()
         self._step += 1
         rec.recording = self._step % self.config.every == 0
+        rec.detail = rec.recording and self._detail_due()
         try:
             if not self._optimizers and rec.recording and self._ratio_due():
                 rec.snapshot(0, self._spec(None))  # no optimizer hook to wrap the update: copy now
@@ -123,7 +125,7 @@ class Watcher:
         if self._optimizers and not rec.stepped:
             rec.lrs = [g.get("lr") for opt in self._optimizers for g in opt.param_groups]
         window_end = (self._recorded + 1) % self.config.dead_window == 0
-        row = rec.finish_step(self._step, loss, window_end, self.config.weight_norm)
+        row = rec.finish_step(self._step, loss, window_end, self.config.weight_norm and self._detail_due())
         row.skipped = skipped
         self._rows.append(row)
         self._recorded += 1
@@ -196,9 +198,12 @@ class Watcher:
         self._warned = True
         warnings.warn(GradwatchWarning(msg), stacklevel=3)
 
+    def _detail_due(self) -> bool:
+        """This recorded step also takes the weight norm, grad max-abs and update ratio."""
+        return self._recorded % self.config.detail_every == 0
+
     def _ratio_due(self) -> bool:
-        every = self.config.update_every
-        return every > 0 and self._recorded % every == 0
+        return self.config.update_ratio and self._detail_due()
 
     def ratio_spec_for(self, optimizer) -> RatioSpec | None:
         """What the update ratio measures at this optimizer step, or None when it is not due."""
@@ -207,7 +212,7 @@ class Watcher:
         return self._spec(optimizer)
 
     def _spec(self, optimizer) -> RatioSpec | None:
-        group = (self._recorded // self.config.update_every) % len(self._ratio_groups)
+        group = (self._recorded // self.config.detail_every) % len(self._ratio_groups)
         key = (group, id(optimizer))
         if key not in self._ratio_specs:
             self._ratio_specs[key] = self._build_spec(self._ratio_groups[group], optimizer)

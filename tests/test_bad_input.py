@@ -149,7 +149,7 @@ def test_step_after_close(watcher):
 # ---- schedule options and config ---------------------------------------------------------------------
 @pytest.mark.parametrize("option, value, fix", [
     ("every", 0, ">= 1"), ("every", -1, ">= 1"), ("every", 1.5, "an int"), ("every", True, "an int"),
-    ("every", "10", "an int"), ("dead_window", 0, ">= 1"), ("update_every", -1, ">= 0"),
+    ("every", "10", "an int"), ("dead_window", 0, ">= 1"), ("detail_every", 0, ">= 1"),
     ("flush_every", 0, ">= 0.01"), ("flush_every", 5, "at most 1"), ("flush_every", float("nan"), ">= 0.01"),
     ("flush_every", "fast", "a number"), ("update_memory_mb", 0, ">= 1"),
     ("activations", "yes", "True or False"), ("grad_norm", 1, "True or False"),
@@ -177,7 +177,7 @@ def test_unknown_option_lists_valid_ones(tmp_path):
         gradwatch.watch(mlp(), run_dir=tmp_path / "run", evry=10)
     msg = str(info.value)
     assert "evry" in msg
-    for valid in ("every", "grad_norm", "update_every", "activations", "dead_window", "flush_every"):
+    for valid in ("every", "grad_norm", "detail_every", "activations", "dead_window", "flush_every"):
         assert valid in msg
     assert not (tmp_path / "run").exists()
 

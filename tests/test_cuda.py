@@ -40,7 +40,7 @@ def test_steps_between_flushes_never_sync(tmp_path, amp):
     x = torch.randn(256, 64, device="cuda")
     y = torch.randint(0, 10, (256,), device="cuda")
     gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", scaler=scaler, flush_every=1.0,
-                         update_every=5)
+                         detail_every=5)
     for _ in range(5):  # warm-up: index tensors and caches are built here
         _step(model, opt, gw, x, y, scaler)
     gw.flush()

@@ -29,18 +29,20 @@ from torch import nn
 
 import gradwatch
 
-STEPS = 12  # covers the default update-ratio steps 0 and 10
+STEPS = 12  # covers the default detail steps 0 and 10 (weight norm, grad max-abs, update ratio)
+DETAIL = 10  # WatchConfig.detail_every's default
 MICRO = 4
 CLIP = 1e-3  # far below every model's grad norm: clipping always binds
 
 
-def _train(kind: str, mode: str, run_dir):
+def _train(kind: str, mode: str, run_dir, detail: int = DETAIL):
     torch.manual_seed(0)
     model, batch, loss_fn = task(kind)
     layers = naive_layers(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3) if mode == "amp" else None
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=run_dir, scaler=scaler)
+    options = {} if detail == DETAIL else {"detail_every": detail}
+    gw = gradwatch.watch(model, optimizer=opt, run_dir=run_dir, scaler=scaler, **options)
     ref = {m: {} for m in ("grad_norm", "grad_maxabs", "weight_norm", "update_ratio")}
     totals, scales, clip_totals = [], [], []
     micro = MICRO if mode == "accum" else 1
@@ -55,7 +57,8 @@ def _train(kind: str, mode: str, run_dir):
         scale = scaler.get_scale() if scaler else 1.0
         scales.append(scale)
         ref["grad_norm"][step] = layer_grad_norms(layers, scale)
-        ref["grad_maxabs"][step] = layer_grad_maxabs(layers, scale)
+        if step % detail == 0:
+            ref["grad_maxabs"][step] = layer_grad_maxabs(layers, scale)
         totals.append(total_grad_norm(layers, scale))
         if mode == "clip" or (mode == "amp" and kind == "mlp"):
             if scaler:
@@ -67,8 +70,8 @@ def _train(kind: str, mode: str, run_dir):
             scaler.update()
         else:
             opt.step()
-        ref["weight_norm"][step] = layer_weight_norms(layers)
-        if step % 10 == 0:
+        if step % detail == 0:
+            ref["weight_norm"][step] = layer_weight_norms(layers)
             ref["update_ratio"][step] = update_ratios(layers, before)
         gw.step(loss)
     gw.close()
@@ -78,7 +81,18 @@ def _train(kind: str, mode: str, run_dir):
 @pytest.mark.parametrize("mode", ["plain", "clip", "accum", "amp"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer", "lstm"])
 def test_layer_stats_match_naive_reference(kind, mode, tmp_path):
-    run, layers, ref, totals, scales, clip_totals = _train(kind, mode, tmp_path / "run")
+    _check_against_reference(kind, mode, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_detail_every_step(kind, tmp_path):
+    """detail_every=1: weight norm, grad max-abs and update ratio on every step, all still exact."""
+    _check_against_reference(kind, "clip", tmp_path, detail=1)
+
+
+def _check_against_reference(kind, mode, tmp_path, detail=DETAIL):
+    run, layers, ref, totals, scales, clip_totals = _train(kind, mode, tmp_path / "run", detail)
+    assert sorted(ref["weight_norm"]) == list(range(0, STEPS, detail))
 
     # exactly one row per optimizer step, none skipped
     assert run.steps["step"].tolist() == list(range(STEPS))
@@ -226,7 +240,7 @@ def test_frozen_layer_has_no_grad_rows(tmp_path):
     model[0].bias.requires_grad_(False)  # and a partly frozen one: its norm is over the weight only
     all_layers = naive_layers(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run")
+    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", detail_every=1)
     ref_g, ref_m, ref_w, totals = {}, {}, {}, []
     for step in range(6):
         opt.zero_grad()
@@ -254,8 +268,8 @@ def test_weight_tied_layers_and_global_norm_count_shared_tensor_once(tmp_path):
     assert model.out.weight is model.emb.weight
     layers = naive_layers(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run")
-    ref_g, ref_w, totals, double = {}, {}, [], []
+    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", detail_every=1)
+    ref_g, ref_w, ref_r, totals, double = {}, {}, {}, [], []
     for step in range(8):
         opt.zero_grad()
         t = torch.randint(0, 12, (4, 5))
@@ -269,8 +283,7 @@ def test_weight_tied_layers_and_global_norm_count_shared_tensor_once(tmp_path):
         before = snapshot(layers)
         opt.step()
         ref_w[step] = layer_weight_norms(layers)
-        if step == 0:
-            ref_r = {0: update_ratios(layers, before)}
+        ref_r[step] = update_ratios(layers, before)
         gw.step(loss)
     gw.close()
     run = gradwatch.load_run(tmp_path / "run")
@@ -289,7 +302,7 @@ def test_no_optimizer_hand_written_sgd(tmp_path):
     torch.manual_seed(0)
     model = mlp()
     layers = naive_layers(model)
-    gw = gradwatch.watch(model, optimizer=None, run_dir=tmp_path / "run")
+    gw = gradwatch.watch(model, optimizer=None, run_dir=tmp_path / "run", detail_every=1)
     ref_g, ref_w, ref_r, totals = {}, {}, {}, []
     for step in range(12):
         loss = nn.functional.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,)))
@@ -417,7 +430,7 @@ def test_half_precision_params_norms_at_float32_accuracy(dtype, tmp_path):
     model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)).to(dtype)
     layers = naive_layers(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run")
+    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", detail_every=1)
     ref_g, ref_w, totals = {}, {}, []
     for step in range(5):
         opt.zero_grad()
@@ -483,7 +496,7 @@ def test_sparse_embedding_gradients(tmp_path):
 
     model = M()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run")
+    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", detail_every=1)
     ref_n, ref_m, totals = {}, {}, []
     for step in range(4):
         opt.zero_grad()

@@ -473,7 +473,7 @@ def test_load_state_dict_while_watching(tmp_path):
     other = mlp(seed=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = data()
-    with gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run") as gw:
+    with gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", detail_every=1) as gw:
         train_step(model, opt, x, y, gw)
         model.load_state_dict(other.state_dict())
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
@@ -490,7 +490,7 @@ def _train(watched: bool, run_dir: Path) -> tuple[list[torch.Tensor], torch.Tens
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = data(seed=2, n=32)
     torch.manual_seed(123)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=run_dir, update_every=1, dead_window=3) if watched \
+    gw = gradwatch.watch(model, optimizer=opt, run_dir=run_dir, detail_every=1, dead_window=3) if watched \
         else None
     for _ in range(20):
         loss = nn.functional.mse_loss(model(x), y)

@@ -56,7 +56,7 @@ def short_run(tmp_path_factory):
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g)
     ref = {"grad": [], "total": [], "weight": [], "ratio": [], "loss": []}
-    with gradwatch.watch(model, optimizer=opt, run_dir=run_dir, update_every=1) as gw:
+    with gradwatch.watch(model, optimizer=opt, run_dir=run_dir, detail_every=1) as gw:
         for step in range(STEPS):
             if step == STEPS - 1:
                 with torch.no_grad():

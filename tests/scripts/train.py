@@ -59,7 +59,7 @@ def main() -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gw = gradwatch.watch(model, optimizer=opt, run_dir=args.run_dir)
+        gw = gradwatch.watch(model, optimizer=opt, run_dir=args.run_dir, detail_every=1)
         say("started")
         t0 = time.monotonic()
         fail_start = None
