@@ -4,7 +4,8 @@ Every configuration is a `Config` subclass registered in `CONFIGS` (in table ord
 owns the whole training step (`train_step`), not just a per-step hook, so that a row which
 changes the loop itself (e.g. a Lightning `Trainer` path) can override `train_step` instead of
 needing a new harness. Multi-process rows (DDP) cannot be interleaved inside one process; they
-would need their own launcher next to `_harness.run_workload` and can reuse the statistics.
+would need their own launcher next to `_harness.run_interleaved` and can reuse its statistics
+(`_harness.summarize`).
 
 Lifecycle: `available()` -> `attach()` once -> `train_step()` per step -> `end_block()` at the end
 of every timed block, inside the timed region -> `close()`.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,6 +70,10 @@ class Config:
 
 @register
 class Gradwatch(Config):
+    """gradwatch flushes by wall time (`flush_every`, 0.5 s). Interleaving stretches the wall
+    time between this row's blocks past that, so it flushes about once per block, more often
+    per step than in a real run: its overhead here is an upper bound."""
+
     name = "gradwatch"
     note = "gradwatch.watch() defaults"
     requires = ("gradwatch",)
@@ -163,7 +169,10 @@ class NaiveItem(Config):
 
 @register
 class WandbWatch(Config):
-    """wandb.watch gradient histograms plus wandb.log of the loss, offline, as a user would."""
+    """wandb.watch gradient histograms plus wandb.log of the loss, offline, as a user would.
+
+    wandb writes from its separate wandb-core service process: that work and memory are not in
+    this row's numbers, except as competition for the same CPUs during every row's blocks."""
 
     name = "wandb"
     LOG_FREQ = 100
@@ -235,6 +244,9 @@ class Torchmortem(Config):
         super().attach(model, optimizer, run_dir)
         from torchmortem import Autopsy
 
+        # Its hook on the first layer fires on every backward (the input needs no grad); the
+        # warning is harmless and would otherwise clutter the table.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         self.autopsy = Autopsy(model, optimizer=optimizer)
         self.autopsy.attach()
 

@@ -2,13 +2,15 @@
 
 Why interleaved short blocks: on a shared machine the speed drifts by ~10% over seconds, which
 swamps a few-percent overhead if configurations are timed one after another. Each round runs
-`baseline, X1, baseline, X2, ..., Xn, baseline` with the Xi in a fresh random order, and every
-Xi block is divided by the mean of the two baseline blocks around it. Drift that is slow
-compared with a block cancels in that ratio; the median over rounds discards the blocks that a
-neighbour process happened to hit.
+one pair of blocks per configuration X, (baseline, X) or (X, baseline) at random, with the pairs
+in a fresh random order, and takes the ratio X / baseline within the pair. Drift that is slow
+compared with a block cancels in that ratio (and its sign flips with the pair's order); the
+median over rounds discards the pairs that a neighbouring process happened to hit. A single
+neighbour, rather than the mean of the two around X, keeps numerator and denominator alike, so
+spikes do not bias the median downward.
 
 The median of block ratios ignores rare expensive steps (a tool that does its work every 100
-steps touches one block in 20), so the amortized ratio, sum(X) / sum(adjacent baseline), is
+steps touches one block in 20), so the amortized ratio, sum(X) / sum(paired baseline), is
 reported next to it.
 """
 from __future__ import annotations
@@ -16,14 +18,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-
 from _configs import Config
 from _workloads import Workload
 
@@ -74,8 +76,8 @@ def time_block(session: Session, n: int, sync: Callable[[], None]) -> float:
 
 @dataclasses.dataclass
 class Timings:
-    """Raw block times. `paired_base[name][r]` is the baseline time that `blocks[name][r]` is
-    compared with; `base_blocks` is the whole chain of baseline blocks in run order."""
+    """Raw block times. `paired_base[name][r]` is the baseline block paired with `blocks[name][r]`;
+    `base_blocks` holds every baseline block in run order."""
 
     blocks: dict[str, list[float]]
     paired_base: dict[str, list[float]]
@@ -97,19 +99,16 @@ def run_interleaved(sessions: dict[str, Session], rounds: int, block: int,
         gc.collect()
         return time_block(session, block, sync)
 
-    # One continuous chain B X B X B ...: the closing baseline of a round opens the next, so
-    # every baseline block and every X block follows a block of the other kind (same cache state).
-    prev = timed(base)
-    timings.base_blocks.append(prev)
     for r in range(rounds):
         for i in rng.permutation(len(others)):
             name = others[i]
-            t = timed(sessions[name])
-            nxt = timed(base)
+            if rng.random() < 0.5:
+                b, t = timed(base), timed(sessions[name])
+            else:
+                t, b = timed(sessions[name]), timed(base)
             timings.blocks[name].append(t)
-            timings.paired_base[name].append((prev + nxt) / 2)
-            timings.base_blocks.append(nxt)
-            prev = nxt
+            timings.paired_base[name].append(b)
+            timings.base_blocks.append(b)
         print(f"\r  {label}: round {r + 1}/{rounds}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     gc.unfreeze()
@@ -149,10 +148,10 @@ def summarize(blocks: list[float], paired: list[float], block: int, rng: np.rand
 
 
 def summarize_baseline(base_blocks: list[float], block: int, rng: np.random.Generator) -> Summary:
-    """A/A check: each baseline block against the mean of the baseline blocks two positions
-    away. Its spread is the resolution this run can claim; its median should be ~0%."""
+    """A/A check: each baseline block against the previous one (one to three blocks earlier).
+    Its spread is the resolution this run can claim; its median should be ~0%."""
+    s = summarize(base_blocks[1:], base_blocks[:-1], block, rng)
     b = np.asarray(base_blocks)
-    s = summarize(list(b[1:-1]), list((b[:-2] + b[2:]) / 2), block, rng)
     s.ms_per_step = float(np.median(b)) / block * 1e3
     s.n_blocks = len(base_blocks)
     return s
@@ -170,3 +169,31 @@ def extra_cost_ratio(timings: Timings, name: str, ref: str,
         point = (np.median(a) - 1) / (np.median(f) - 1)
     lo, hi = np.nanpercentile(boot, [2.5, 97.5])
     return float(point), (float(lo), float(hi))
+
+
+class CompetingLoad:
+    """Share of all CPUs that other processes (and hypervisor steal) use from creation to
+    `share()`; None where /proc/stat is missing (not Linux)."""
+
+    def __init__(self) -> None:
+        self.wall0, self.own0, self.busy0 = time.perf_counter(), self._own(), self._busy()
+
+    @staticmethod
+    def _own() -> float:
+        return sum(os.times()[:2])
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        except (OSError, ValueError):
+            return None
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    def share(self) -> float | None:
+        busy = self._busy()
+        if busy is None or self.busy0 is None:
+            return None
+        others = busy - self.busy0 - (self._own() - self.own0)
+        return max(0.0, others / ((time.perf_counter() - self.wall0) * (os.cpu_count() or 1)))

@@ -7,7 +7,7 @@ in the timings) and a loss function. Add a row by decorating another builder wit
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -10,40 +10,47 @@ around it (see `_harness`). Reported: median paired ratio - 1 with its IQR and a
 CI, and the amortized ratio (sum of times), which is the one that sees work a tool does only
 every N steps. The baseline row is an A/A check: its CI is the resolution of the run.
 
-Memory: each (workload, configuration) trains in a fresh process of this script; the table
-shows its peak RSS (and peak CUDA allocation on GPU) minus the baseline process's.
+Memory: each (workload, configuration) trains in a process of its own (see `_memory`); the
+table shows its peak RSS (and peak CUDA allocation on GPU) minus the baseline process's.
 
 Rows and workloads come from the registries in `_configs.py` and `_workloads.py`.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime
 import json
 import math
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers sit next to this script
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from _configs import CONFIGS  # noqa: E402
-from _harness import (device_sync, extra_cost_ratio, make_session, run_interleaved,  # noqa: E402
-                      summarize, summarize_baseline, time_block)
+from _harness import (  # noqa: E402
+    CompetingLoad,
+    device_sync,
+    extra_cost_ratio,
+    make_session,
+    run_interleaved,
+    summarize,
+    summarize_baseline,
+    time_block,
+)
+from _memory import measure_memory  # noqa: E402
 from _workloads import WORKLOADS  # noqa: E402
 
 # Long enough that timer and block-switch costs vanish, short enough that load drift on a
-# shared machine is slow compared with one baseline-X-baseline triple.
+# shared machine is slow compared with one baseline/X pair of blocks.
 BLOCK_TARGET_S = 0.08
 TARGET_GRADS_VS_FLOOR = 1.5
+BUSY_SHARE = 0.1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,24 +61,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"that make a baseline block last {BLOCK_TARGET_S * 1e3:.0f} ms")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per configuration first")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 3 rounds, 2-step blocks, memory for the first workload only")
+                   help="smoke run: 2 rounds, 2-step blocks, memory for the first workload only")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                    help="rows to run (baseline is always added)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process memory measurement")
-    p.add_argument("--mem-steps", type=int, default=100,
-                   help="training steps in each memory process (default 100: covers per-100-step work)")
+    p.add_argument("--mem-steps", type=int, default=20,
+                   help="training steps in each memory process (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seeds the block order and the bootstrap")
     p.add_argument("--json", metavar="PATH", help="also write machine-readable results here")
     p.add_argument("--markdown", metavar="PATH", help="also write the summary Markdown table here")
-    p.add_argument("--mem-child", nargs=2, metavar=("WORKLOAD", "CONFIG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds < 2:
-        p.error("--rounds must be at least 2 (the A/A check needs three baseline blocks)")
+        p.error("--rounds must be at least 2 (the A/A check needs two baseline blocks)")
     if args.quick:
-        args.rounds, args.block, args.warmup, args.mem_steps = 3, 2, 2, 5
+        args.rounds, args.block, args.warmup, args.mem_steps = 2, 2, 2, 5
     return args
 
 
@@ -91,50 +97,6 @@ def machine_info(args: argparse.Namespace) -> dict:
     return info
 
 
-def peak_rss_mib() -> float:
-    """Peak RSS of this process image. Linux's ru_maxrss survives fork+exec, so a child started
-    by a 400 MiB parent reports at least 400 MiB; VmHWM belongs to the new address space."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
-
-
-def mem_child(args: argparse.Namespace) -> None:
-    """Hidden entry point: train one configuration, print its peak memory as one JSON line."""
-    wname, cname = args.mem_child
-    device = torch.device(args.device)
-    workload = WORKLOADS[wname]().to(device)
-    with tempfile.TemporaryDirectory() as tmp:
-        session = make_session(workload, CONFIGS[cname], Path(tmp) / cname)
-        session.steps(args.mem_steps)
-        session.config.end_block()
-        out = {"maxrss_mib": peak_rss_mib()}
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        session.config.close()
-    print(json.dumps(out))
-
-
-def measure_memory(jobs: list[tuple[str, str]], args: argparse.Namespace) -> dict[tuple[str, str], dict]:
-    def run(job: tuple[str, str]) -> dict:
-        cmd = [sys.executable, __file__, "--mem-child", *job, "--mem-steps", str(args.mem_steps),
-               "--device", args.device, "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    # Peak RSS is per process, so two at a time cannot disturb each other's numbers.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        return dict(zip(jobs, pool.map(run, jobs)))
-
-
 def bench_workload(wname: str, classes: list, args: argparse.Namespace, rng: np.random.Generator) -> dict:
     device = torch.device(args.device)
     sync = device_sync(device)
@@ -149,7 +111,9 @@ def bench_workload(wname: str, classes: list, args: argparse.Namespace, rng: np.
             if not block:
                 per_step = time_block(sessions["baseline"], 3, sync) / 3
                 block = max(2, math.ceil(BLOCK_TARGET_S / per_step))
+            load = CompetingLoad()
             timings = run_interleaved(sessions, args.rounds, block, sync, rng, wname)
+            others_share = load.share()
         finally:
             for s in sessions.values():
                 s.config.close()
@@ -157,7 +121,8 @@ def bench_workload(wname: str, classes: list, args: argparse.Namespace, rng: np.
     for name in timings.blocks:
         rows[name] = summarize(timings.blocks[name], timings.paired_base[name], block, rng)
     result = {"workload": wname, "description": workload.description, "block": block,
-              "rounds": args.rounds, "rows": {n: vars(s) for n, s in rows.items()},
+              "rounds": args.rounds, "others_cpu_share": others_share,
+              "rows": {n: vars(s) for n, s in rows.items()},
               "raw": {"blocks": timings.blocks, "paired_base": timings.paired_base,
                       "base_blocks": timings.base_blocks}}
     if "gradwatch-grads" in rows and "floor" in rows:
@@ -174,7 +139,7 @@ def fmt_range(r) -> str:
     return f"[{r[0]:+.1f}, {r[1]:+.1f}]"
 
 
-def fmt_mem(mem: dict | None, base: dict | None, key: str = "maxrss_mib") -> str:
+def fmt_mem(mem: dict | None, base: dict | None, key: str = "rss_mib") -> str:
     if not mem or not base:
         return "-"
     if "error" in mem:
@@ -184,9 +149,13 @@ def fmt_mem(mem: dict | None, base: dict | None, key: str = "maxrss_mib") -> str
 
 def print_workload(res: dict, mem: dict) -> None:
     print(f"\n== {res['workload']}: {res['description']}")
-    print(f"   {res['rounds']} rounds x {res['block']}-step blocks; per row "
-          f"{res['rows']['baseline']['n_blocks']} baseline blocks / {res['rounds']} blocks of each other row")
-    cuda = any("cuda_peak_mib" in m for m in mem.values() if m)
+    print(f"   {res['rounds']} rounds x {res['block']}-step blocks: {res['rows']['baseline']['n_blocks']} "
+          f"baseline blocks, {res['rounds']} blocks of each other row ({res['elapsed_s']:.0f} s)")
+    share = res["others_cpu_share"]
+    if share is not None:
+        print(f"   other processes used {share:.0%} of the CPUs while this was timed"
+              + ("  -- WARNING: busy machine, expect wide CIs" if share > BUSY_SHARE else ""))
+    cuda = any("cuda_mib" in m for m in mem.values() if m)
     head = (f"   {'config':<16}{'ms/step':>9}{'overhead':>10}{'IQR %':>16}{'95% CI %':>16}"
             f"{'amortized [95% CI]':>27}{'+RSS MiB':>10}" + ("  +CUDA MiB" if cuda else ""))
     print(head)
@@ -199,17 +168,21 @@ def print_workload(res: dict, mem: dict) -> None:
                 f"{fmt_pct(s['amortized_pct']) + ' ' + fmt_range(s['amortized_ci_pct']):>27}"
                 f"{fmt_mem(mem.get(name), base_mem):>10}")
         if cuda:
-            line += f"{fmt_mem(mem.get(name), base_mem, 'cuda_peak_mib'):>11}"
+            line += f"{fmt_mem(mem.get(name), base_mem, 'cuda_mib'):>11}"
         print(line)
     g = res.get("grads_vs_floor")
     if g:
-        verdict = "meets" if g["ratio"] <= TARGET_GRADS_VS_FLOOR else "misses"
         print(f"   gradwatch-grads extra cost / floor extra cost = {g['ratio']:.2f}x "
-              f"(bootstrap 95% CI {g['ci'][0]:.2f}..{g['ci'][1]:.2f}); {verdict} the "
-              f"<= {TARGET_GRADS_VS_FLOOR}x target")
+              f"(bootstrap 95% CI {g['ci'][0]:.2f}..{g['ci'][1]:.2f}; target <= {TARGET_GRADS_VS_FLOOR}x)")
         if g["floor_ci_pct"][0] <= 0:
-            print(f"   note: the floor's own extra cost is within noise (CI {fmt_range(g['floor_ci_pct'])} %), "
-                  "so this ratio is unstable; judge gradwatch-grads by its CI against the A/A row")
+            print(f"   note: the floor's extra cost is within noise (CI {fmt_range(g['floor_ci_pct'])} %), "
+                  "so this ratio means nothing here; judge gradwatch-grads by its CI against the A/A row")
+        elif g["ci"][1] <= TARGET_GRADS_VS_FLOOR:
+            print("   -> meets the target")
+        elif g["ci"][0] > TARGET_GRADS_VS_FLOOR:
+            print("   -> misses the target")
+        else:
+            print(f"   -> inconclusive: the CI spans {TARGET_GRADS_VS_FLOOR}x; more --rounds narrow it")
 
 
 def markdown(results: list[dict], memory: dict, info: dict) -> str:
@@ -232,9 +205,6 @@ def markdown(results: list[dict], memory: dict, info: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.mem_child:
-        mem_child(args)
-        return
     info = machine_info(args)
     print("gradwatch overhead benchmark")
     print("  " + ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -250,14 +220,19 @@ def main(argv: list[str] | None = None) -> None:
     if len(classes) == 1:
         sys.exit("no configuration besides baseline is available: nothing to compare")
     rng = np.random.default_rng(args.seed)
-    results = [bench_workload(w, classes, args, rng) for w in args.workloads]
+    results = []
+    for w in args.workloads:
+        t0 = time.perf_counter()
+        results.append(bench_workload(w, classes, args, rng))
+        results[-1]["elapsed_s"] = time.perf_counter() - t0
 
     memory: dict[str, dict] = {w: {} for w in args.workloads}
     if not args.no_memory:
         mem_workloads = args.workloads[:1] if args.quick else args.workloads
         print(f"\nmemory: {len(mem_workloads) * len(classes)} processes, {args.mem_steps} steps each",
               file=sys.stderr)
-        measured = measure_memory([(w, c.name) for w in mem_workloads for c in classes], args)
+        measured = measure_memory([(w, c.name) for w in mem_workloads for c in classes], args.mem_steps,
+                                  args.device, args.threads)
         for (w, c), m in measured.items():
             memory[w][c] = m
             if "error" in m:
@@ -272,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         Path(args.markdown).write_text(md)
     if args.json:
-        payload = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "mem_child"},
+        payload = {"machine": info, "args": vars(args),
                    "configs": {c.name: c.note for c in classes}, "results": results}
         Path(args.json).write_text(json.dumps(payload, indent=1))
 
