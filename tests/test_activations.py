@@ -87,22 +87,29 @@ def _check_dead(run, cap: Capture, site_dims: dict[str, int], window: int, n_ste
 
 
 # ---- dense ReLU: dead units over a window, zero fraction per step --------------------------------
+
+def _train(model, tmp_path, steps, loss_of, cap=None, lr=0.01, **options):
+    """`steps` SGD steps under gradwatch, with `loss_of(step)` as the loss; `cap` learns each step."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", **options)
+    for step in range(steps):
+        if cap is not None:
+            cap.step = step
+        opt.zero_grad()
+        loss = loss_of(step)
+        loss.backward()
+        opt.step()
+        gw.step(loss)
+    gw.close()
+    return gradwatch.load_run(tmp_path / "run")
+
 def test_relu_biased_to_minus_ten_reads_dead(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
     with torch.no_grad():
         model[0].weight.mul_(0.01)
         model[0].bias.fill_(-10.0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=5)
-    for _ in range(10):
-        opt.zero_grad()
-        loss = model(torch.randn(8, 4)).pow(2).mean()
-        loss.backward()
-        opt.step()
-        gw.step(loss)
-    gw.close()
-    run = gradwatch.load_run(tmp_path / "run")
+    run = _train(model, tmp_path, 10, lambda step: model(torch.randn(8, 4)).pow(2).mean(), dead_window=5)
     dead = metric_table(run, "dead_fraction")
     assert sorted(dead) == [4, 9]
     assert all(dead[s]["1"] >= 0.95 for s in dead)
@@ -195,17 +202,10 @@ def test_conv2d_dead_channel_counts_one_eighth(tmp_path):
     with torch.no_grad():
         model[0].bias[3] = -1e3
     cap = Capture(model, ["1"])
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=3)
-    for step in range(6):
-        cap.step = step
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 6, 6)), torch.randint(0, 2, (4,)))
-        loss.backward()
-        opt.step()
-        gw.step(loss)
-    gw.close()
-    run = gradwatch.load_run(tmp_path / "run")
+    def loss_of(step):
+        return nn.functional.cross_entropy(model(torch.randn(4, 3, 6, 6)), torch.randint(0, 2, (4,)))
+
+    run = _train(model, tmp_path, 6, loss_of, cap=cap, dead_window=3)
     ref = _check_dead(run, cap, {"1": 1}, window=3, n_steps=6)
     assert all(v == 1 / 8 for v in ref.values())
     _check_zero(run, cap, ["1"], range(6))
@@ -224,17 +224,7 @@ def test_three_d_units_follow_the_layer_before(layer, unit_dim, n_units, tmp_pat
     with torch.no_grad():
         model[0].bias[2] = -1e3
     cap = Capture(model, ["1"])
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=3)
-    for step in range(6):
-        cap.step = step
-        opt.zero_grad()
-        loss = model(make()).pow(2).mean()
-        loss.backward()
-        opt.step()
-        gw.step(loss)
-    gw.close()
-    run = gradwatch.load_run(tmp_path / "run")
+    run = _train(model, tmp_path, 6, lambda step: model(make()).pow(2).mean(), cap=cap, dead_window=3)
     ref = _check_dead(run, cap, {"1": unit_dim}, window=3, n_steps=6)
     assert all(v == 1 / n_units for v in ref.values())
 
@@ -245,17 +235,8 @@ def test_leaky_relu_dead_means_never_positive(tmp_path):
     with torch.no_grad():
         model[0].bias[[0, 5]] = -1e3  # outputs are -100, not 0: dead all the same
     cap = Capture(model, ["1"])
-    opt = torch.optim.SGD(model.parameters(), lr=0.001)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=4)
-    for step in range(8):
-        cap.step = step
-        opt.zero_grad()
-        loss = model(torch.randn(5, 4)).pow(2).mean() * 1e-4
-        loss.backward()
-        opt.step()
-        gw.step(loss)
-    gw.close()
-    run = gradwatch.load_run(tmp_path / "run")
+    run = _train(model, tmp_path, 8, lambda step: model(torch.randn(5, 4)).pow(2).mean() * 1e-4, cap=cap,
+                 lr=0.001, dead_window=4)
     assert all(int((t == 0).sum()) == 0 for t in cap.data[0]["1"])  # no exact zeros at all
     ref = _check_dead(run, cap, {"1": 1}, window=4, n_steps=8)
     assert all(v >= 2 / 8 for v in ref.values())
@@ -271,17 +252,7 @@ def test_tanh_and_sigmoid_saturation_fractions(tmp_path):
         model[0].weight.mul_(6.0)
         model[2].weight.mul_(25.0)
     cap = Capture(model, ["1", "3"], use_input=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run")
-    for step in range(8):
-        cap.step = step
-        opt.zero_grad()
-        loss = model(torch.randn(6, 4)).pow(2).mean()
-        loss.backward()
-        opt.step()
-        gw.step(loss)
-    gw.close()
-    run = gradwatch.load_run(tmp_path / "run")
+    run = _train(model, tmp_path, 8, lambda step: model(torch.randn(6, 4)).pow(2).mean(), cap=cap)
     got = metric_table(run, "saturation_fraction")
     assert sorted(got) == list(range(8))
     for s in range(8):
@@ -315,17 +286,7 @@ def test_relu_called_twice_gets_two_series(tmp_path):
         model.fc1.bias[0] = -1e3
         model.fc2.bias[:2] = -1e3
     cap = Capture(model, ["relu"])
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=4)
-    for step in range(8):
-        cap.step = step
-        opt.zero_grad()
-        loss = model(torch.randn(6, 4)).pow(2).mean()
-        loss.backward()
-        opt.step()
-        gw.step(loss)
-    gw.close()
-    run = gradwatch.load_run(tmp_path / "run")
+    run = _train(model, tmp_path, 8, lambda step: model(torch.randn(6, 4)).pow(2).mean(), cap=cap, dead_window=4)
     ref = _check_dead(run, cap, {"relu": 1, "relu#2": 1}, window=4, n_steps=8)
     assert ref[(3, "relu")] >= 1 / 8 and ref[(3, "relu#2")] >= 2 / 6
     _check_zero(run, cap, ["relu", "relu#2"], range(8))
@@ -335,16 +296,8 @@ def test_relu_called_twice_gets_two_series(tmp_path):
 def test_activations_false_records_no_activation_metrics(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", activations=False, dead_window=2)
-    for _ in range(6):
-        opt.zero_grad()
-        loss = model(torch.randn(6, 4)).pow(2).mean()
-        loss.backward()
-        opt.step()
-        gw.step(loss)
-    gw.close()
-    run = gradwatch.load_run(tmp_path / "run")
+    run = _train(model, tmp_path, 6, lambda step: model(torch.randn(6, 4)).pow(2).mean(), activations=False,
+                 dead_window=2)
     metrics = set(run.layers["metric"])
     assert "grad_norm" in metrics
     assert not metrics & {"dead_fraction", "zero_fraction", "saturation_fraction"}
