@@ -4,7 +4,6 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 ROOT_NAME = "(root)"  # the model itself, when it owns parameters directly; "" is kept for run-wide findings
@@ -125,11 +124,3 @@ def _selected(name: str, include: list[str] | None, exclude: list[str] | None) -
 def is_nonnegative(module: nn.Module) -> bool:
     """ReLU and ReLU6 outputs are never negative, so their sign is already a 0/1 mask."""
     return isinstance(module, (nn.ReLU, nn.ReLU6))
-
-
-def device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import stats
-from ._model import ModelMap
+from ._model import ModelMap, is_nonnegative
 
 MAX_SITES_PER_MODULE = 4  # calls of one activation module per forward kept apart; later ones share the last
 ABSENT = -1.0  # grad norm of a layer none of whose parameters has a .grad this step (norms are >= 0)
@@ -77,7 +77,6 @@ class Recorder:
         self._pairs_are_params = mm.param_of_pair == list(range(len(mm.params)))
         self.new_sites: list[Site] = []  # sites seen for the first time, not yet sent to the store
         self.first_error: Exception | None = None  # reported once by the Watcher as a GradwatchWarning
-        self.errors = 0
         self._reset_step()
 
     # ---- backward: gradients -------------------------------------------------------------------
@@ -99,8 +98,7 @@ class Recorder:
             self.internal_error(e)
 
     def internal_error(self, error: Exception) -> None:
-        """A bug or an unsupported case inside gradwatch: keep the first, count the rest; training goes on."""
-        self.errors += 1
+        """A bug or an unsupported case inside gradwatch: keep the first; training goes on."""
         if self.first_error is None:
             self.first_error = error
 
@@ -181,7 +179,7 @@ class Recorder:
                 site.unit_max = m  # a new unit count starts a new window for this site
             else:
                 torch.maximum(site.unit_max, m, out=site.unit_max)
-            cnt, n = stats.positive_count(out, nonnegative=_nonneg(act.module))
+            cnt, n = stats.positive_count(out, nonnegative=is_nonnegative(act.module))
         else:
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if x is None:
@@ -361,10 +359,6 @@ class Recorder:
         self.eval_forward = False  # a grad-enabled forward ran with the model in eval() mode
         self.lrs: list = []
         self._calls = [0] * len(self.mm.activations)
-
-
-def _nonneg(module) -> bool:
-    return isinstance(module, (torch.nn.ReLU, torch.nn.ReLU6))
 
 
 def _tensors_in(value, depth: int = 0) -> list[torch.Tensor]:
