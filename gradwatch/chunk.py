@@ -9,7 +9,7 @@ import itertools
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ class RunLayout:
     layer_names: list[str]
     traced: list[tuple[str, str]]  # (name, type) of each traced module, by trace index
     layer_of_traced: dict[int, int]  # traced index -> layer index, for modules that are both
-    n_sites: list[int] = field(default_factory=lambda: [0])  # activation sites known so far (mutable)
+    n_sites: int = 0  # activation sites known so far; each chunk keeps the count it was created with
     rank: int | None = None
     last_event: tuple | None = None  # (phase, module) of the previous step's event; None after a clean step
 
@@ -34,7 +34,7 @@ class RunLayout:
 class Chunk:
     def __init__(self, rows: list[StepRow], layout: RunLayout):
         self.steps, self.layout = rows, layout
-        self.n_sites = layout.n_sites[0]
+        self.n_sites = layout.n_sites
         flats = [r.flat for r in rows if r.flat is not None]
         self._copied = None  # CUDA event recorded after the async copy
         if not flats:

@@ -58,7 +58,8 @@ class Watcher:
         self._ratio_specs: dict[tuple[int, int], RatioSpec | None] = {}
         self._step = self._recorded = 0
         self._rows: list = []
-        self._closed = self._warned = False
+        self._closed = False
+        self._warned: set[str] = set()  # kinds of failure already warned about
         try:
             conn = create_store(run_dir, self._meta(include, exclude))
         except (OSError, sqlite3.Error) as e:
@@ -125,7 +126,7 @@ class Watcher:
         if self._optimizers and not rec.stepped:
             rec.lrs = [g.get("lr") for opt in self._optimizers for g in opt.param_groups]
         window_end = (self._recorded + 1) % self.config.dead_window == 0
-        row = rec.finish_step(self._step, loss, window_end, self.config.weight_norm and self._detail_due())
+        row = rec.finish_step(self._step, loss, window_end, self.config.weight_norm and rec.detail)
         row.skipped = skipped
         self._rows.append(row)
         self._recorded += 1
@@ -179,24 +180,24 @@ class Watcher:
         sites = self._rec.new_sites
         if sites:
             self._writer.put(Rows(series=[("activation", s.index, s.name, s.module_type, None) for s in sites]))
-            self._layout.n_sites[0] = len(self._rec.sites)
+            self._layout.n_sites = len(self._rec.sites)
             sites.clear()
 
     def _warn_once_if_failed(self) -> None:
-        if self._warned:
-            return
+        """One warning per kind of failure: an internal error must not hide a store that stopped writing."""
         store, internal = self._writer.error, self._rec.first_error
-        if store is not None:
-            msg = (f"gradwatch could not write its store in {str(self.run_dir)!r} ({type(store).__name__}: "
-                   f"{store}); training goes on, and gradwatch keeps retrying, but steps may be lost. Free disk "
-                   "space or check the folder's permissions.")
-        elif internal is not None:
-            msg = (f"gradwatch hit an internal error and skips what it could not measure; training goes on "
-                   f"({type(internal).__name__}: {internal}). Please report it with your model's structure.")
-        else:
-            return
-        self._warned = True
-        warnings.warn(GradwatchWarning(msg), stacklevel=3)
+        if store is not None and "store" not in self._warned:
+            self._warned.add("store")
+            warnings.warn(GradwatchWarning(
+                f"gradwatch could not write its store in {str(self.run_dir)!r} ({type(store).__name__}: {store}); "
+                "training goes on, and gradwatch keeps retrying, but steps may be lost. Free disk space or check "
+                "the folder's permissions."), stacklevel=3)
+        if internal is not None and "internal" not in self._warned:
+            self._warned.add("internal")
+            warnings.warn(GradwatchWarning(
+                f"gradwatch hit an internal error and skips what it could not measure; training goes on "
+                f"({type(internal).__name__}: {internal}). Please report it with your model's structure."),
+                stacklevel=3)
 
     def _detail_due(self) -> bool:
         """This recorded step also takes the weight norm, grad max-abs and update ratio."""

@@ -62,3 +62,19 @@ def test_broken_step_keeps_counting_steps(tmp_path, monkeypatch):
         _train(model, gw, steps=5)
     gw.close()
     assert gradwatch.load_run(tmp_path / "r").steps["step"].tolist() == [0, 1, 3, 4]
+
+
+def test_an_internal_error_does_not_hide_a_store_failure(tmp_path, monkeypatch):
+    """Each kind of failure warns once: an early internal error must not silence a later disk-full."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    monkeypatch.setattr(stats, "unit_max", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("unit_max broke")))
+    gw = gradwatch.watch(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "r")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, gw, steps=3)
+        gw._writer.error = OSError(28, "No space left on device")  # what the writer thread records
+        _train(model, gw, steps=3)
+        gw.close()
+    messages = [str(w.message) for w in caught if issubclass(w.category, gradwatch.GradwatchWarning)]
+    assert len(messages) == 2
+    assert "unit_max broke" in messages[0] and "No space left on device" in messages[1]
