@@ -11,9 +11,10 @@ from .errors import GradwatchError
 class WatchConfig:
     """Recording schedule. Every field is also a keyword of `gradwatch.watch()`.
 
-    By default every optimizer step records the loss, learning rates, per-layer gradient norms,
-    activation stats and NaN tracing, and one recorded step in `detail_every` adds the three stats that
-    each cost a full extra pass over every parameter (weight norm, gradient max-abs, update ratio).
+    By default every optimizer step records the loss, learning rates, per-layer gradient norms, dead
+    units and NaN tracing, and one recorded step in `detail_every` adds the stats that each cost a full
+    extra pass over every parameter (weight norm, gradient max-abs, update ratio) and the activations'
+    zero and saturation fractions.
     `detail_every=1` records them on every step too. `WatchConfig.light()` and
     `WatchConfig.grad_norms_only()` are cheaper settings for big models.
     """
@@ -21,7 +22,7 @@ class WatchConfig:
     every: int = 1  # record one optimizer step in `every`; on the others the hooks return at once
     grad_norm: bool = True  # per-layer L2 norm of the gradient, after accumulation and before clipping;
     #                         False turns off every gradient statistic (and the gradient hooks)
-    detail_every: int = 10  # weight norm, grad max-abs and update ratio on one recorded step in this many
+    detail_every: int = 10  # weight norm, grad max-abs, update ratio, zero/saturation fractions: 1 step in this many
     grad_maxabs: bool = True  # per-layer max |g| on detail steps (one more pass over the gradients)
     weight_norm: bool = True  # per-layer L2 norm of the weights on detail steps (one pass over the weights)
     update_ratio: bool = True  # ||dw||/||w|| on detail steps (a copy of the weights, see update_memory_mb)

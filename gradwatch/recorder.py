@@ -69,7 +69,7 @@ class Recorder:
         self._pair_param = torch.tensor(mm.param_of_pair, dtype=torch.long, device=device)
         self._pair_layer = torch.tensor(mm.layer_of_pair, dtype=torch.long, device=device)
         self.recording = True
-        self.detail = True  # this step also takes the grad max-abs (set by the Watcher per step)
+        self.detail = True  # a detail step: also grad max-abs and activation fractions (set by the Watcher)
         self.sites: list[Site] = []
         self._site_of: dict[tuple[int, int], Site] = {}
         self._subsets: dict[tuple[int, ...], tuple] = {}
@@ -179,8 +179,12 @@ class Recorder:
                 site.unit_max = m  # a new unit count starts a new window for this site
             else:
                 torch.maximum(site.unit_max, m, out=site.unit_max)
+            if not self.detail:  # the step's zero and saturation fractions are detail stats
+                return
             cnt, n = stats.positive_count(out, nonnegative=is_nonnegative(act.module))
         else:
+            if not self.detail:
+                return
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if x is None:
                 return

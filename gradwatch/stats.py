@@ -16,9 +16,10 @@ import torch
 SIGMOID_SATURATION = 5.0
 TANH_SATURATION = 2.5
 
-# Zero and saturation fractions are read from an evenly strided sample of at most this many elements,
-# so that their cost does not grow with the batch: standard error at most 0.4 percentage point.
+# Zero and saturation fractions are read from an even sample of at most this many elements, so that their
+# cost does not grow with the batch: a binomial standard error of at most 0.4 percentage point.
 FRACTION_SAMPLE = 1 << 14
+MIN_ROWS = 16  # a row sample spans at least this many samples of the batch, else elements are strided
 
 _INF = float("inf")
 
@@ -90,10 +91,19 @@ def unit_max(out: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _sample(x: torch.Tensor) -> torch.Tensor:
+    """At most about FRACTION_SAMPLE elements of `x`, spread evenly over it.
+
+    Whole rows (every k-th sample of the batch) when at least MIN_ROWS of them fit in the budget: a row
+    slice is read contiguously, several times faster on CPU than a gather. Otherwise a prime stride
+    over the flat tensor, which does not alias with the power-of-two sizes dimensions usually have.
+    """
     n = x.numel()
     if n <= FRACTION_SAMPLE:
         return x
-    # A prime stride does not alias with the power-of-two sizes that tensor dimensions usually have.
+    rows = x.shape[0] if x.ndim >= 2 else 1
+    per_row = n // rows
+    if rows > 1 and per_row * MIN_ROWS <= FRACTION_SAMPLE:
+        return x[:: rows * per_row // FRACTION_SAMPLE + 1]
     return x.reshape(-1)[:: _prime_stride(n)]
 
 

@@ -89,7 +89,10 @@ def _check_dead(run, cap: Capture, site_dims: dict[str, int], window: int, n_ste
 # ---- dense ReLU: dead units over a window, zero fraction per step --------------------------------
 
 def _train(model, tmp_path, steps, loss_of, cap=None, lr=0.01, **options):
-    """`steps` SGD steps under gradwatch, with `loss_of(step)` as the loss; `cap` learns each step."""
+    """`steps` SGD steps under gradwatch, with `loss_of(step)` as the loss; `cap` learns each step.
+
+    Zero and saturation fractions are detail stats: these tests check them on every step."""
+    options.setdefault("detail_every", 1)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", **options)
     for step in range(steps):
@@ -144,7 +147,7 @@ def test_relu_dead_and_zero_fractions_match_hand_count(micro_sizes, tmp_path):
     model = _planted_model()
     cap = Capture(model, ["1"])
     opt = torch.optim.SGD(model[2].parameters(), lr=0.01)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=5)
+    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=5, detail_every=1)
     for step in range(15):
         cap.step = step
         opt.zero_grad()
@@ -172,7 +175,7 @@ def test_no_grad_forwards_do_not_count(tmp_path):
     model = _planted_model()
     cap = Capture(model, ["1"])
     opt = torch.optim.SGD(model[2].parameters(), lr=0.01)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=5)
+    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=5, detail_every=1)
     for step in range(10):
         cap.step = step
         opt.zero_grad()
@@ -192,6 +195,22 @@ def test_no_grad_forwards_do_not_count(tmp_path):
     ref = _check_dead(run, cap, {"1": 1}, window=5, n_steps=10)
     assert ref[(4, "1")] > 0 and ref[(9, "1")] > 0
     _check_zero(run, cap, ["1"], range(10))
+
+
+
+def test_fractions_on_detail_steps_while_dead_units_see_every_step(tmp_path):
+    """detail_every=4: zero fractions at steps 0, 4, 8 only. Unit 1 fires only at step 4 and unit 2 only
+    at step 5, a step with no fractions: both still count as alive in the window 0-9."""
+    torch.manual_seed(0)
+    model = _planted_model()
+    cap = Capture(model, ["1"])
+    run = _train(model, tmp_path, 10, lambda step: model(_planted_batch(step, 6)).pow(2).mean(), cap=cap,
+                 dead_window=10, detail_every=4)
+    _check_zero(run, cap, ["1"], [0, 4, 8])
+    dead = metric_table(run, "dead_fraction")
+    assert list(dead) == [9]
+    # alive in 0-9: units 0, 1, 2, 3, 5, 7; dead: 4 (never) and 6 (only at step 14)
+    assert dead[9]["1"] == pytest.approx(2 / 8)
 
 
 # ---- convolutions: a unit is a channel -----------------------------------------------------------
@@ -314,7 +333,7 @@ def test_unbatched_outputs_are_left_untouched(tmp_path):
     outs = []
     model[1].register_forward_hook(lambda m, a, o: outs.append((o, o.detach().clone())))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=2)
+    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=2, detail_every=1)
     for step in range(4):
         cap.step = step
         opt.zero_grad()
@@ -344,7 +363,7 @@ def test_large_activations_are_sampled_within_tolerance(tmp_path):
     model[1].register_forward_hook(lambda m, i, o: exact["zero"].append((o <= 0).float().mean().item()))
     model[3].register_forward_hook(lambda m, i, o: exact["sat"].append((i[0].abs() > 2.5).float().mean().item()))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=2) as gw:
+    with gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", dead_window=2, detail_every=1) as gw:
         for _ in range(2):
             loss = model(torch.randn(64, 3, 32, 32)).mean()
             opt.zero_grad()

@@ -440,7 +440,7 @@ def test_deepcopy_while_watching_does_not_feed_the_run(tmp_path):
     x, y = data()
     x2, y2 = data(seed=7, n=40)
     ref_grad, ref_zero = [], []
-    with gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run") as gw:
+    with gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", detail_every=1) as gw:
         train_step(model, opt, x, y, gw)
         twin = copy.deepcopy(model)
         twin_opt = torch.optim.SGD(twin.parameters(), lr=0.5)
