@@ -7,11 +7,12 @@ __version__ = "0.1.0"
 
 from .errors import GradwatchError, GradwatchWarning
 
-__all__ = ["GradwatchError", "GradwatchWarning", "Run", "WatchConfig", "Watcher", "list_runs", "load_run",
-           "watch"]
+__all__ = ["Finding", "GradwatchError", "GradwatchWarning", "Report", "Run", "WatchConfig", "Watcher",
+           "diagnose", "list_runs", "load_run", "watch"]
 
 _LAZY = {"watch": "watcher", "Watcher": "watcher", "WatchConfig": "config",
-         "load_run": "store.reader", "list_runs": "store.reader", "Run": "store.reader"}
+         "load_run": "store.reader", "list_runs": "store.reader", "Run": "store.reader",
+         "diagnose": "diagnosis", "Report": "diagnosis", "Finding": "detect"}
 
 
 def __getattr__(name):

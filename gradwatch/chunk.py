@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .recorder import ABSENT, StepRow
-from .store.schema import EVAL_FORWARD, FORWARD_NONFINITE, GRAD_NONFINITE, LOSS_NONFINITE
+from .store.schema import EVAL_FORWARD, FORWARD_NONFINITE, GRAD_CARRIED, GRAD_NONFINITE, LOSS_NONFINITE
 from .store.writer import Rows
 
 
@@ -103,6 +103,8 @@ class Chunk:
         flags |= LOSS_NONFINITE * (has_loss & ~np.isfinite(loss))
         nonfinite = flags.copy()
         flags |= EVAL_FORWARD * np.array([r.eval_forward for r in run])
+        if "grad_carry" in cols:
+            flags |= GRAD_CARRIED * (cols["grad_carry"][:, 0] > 0)
         total = np.sqrt(cols["grad_total_sq"][:, 0].astype(np.float64)) if "grad_total_sq" in cols else None
         scale = cols["loss_scale"][:, 0] if "loss_scale" in cols else None
         for i, r in enumerate(run):

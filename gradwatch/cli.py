@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import GradwatchError
 
@@ -26,6 +27,34 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .diagnosis import diagnose
+    from .report import render
+
+    report = diagnose(args.run_dir)
+    fmt = args.format or _format_of(args.output)
+    text = render(report, fmt)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        path = Path(args.output)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise GradwatchError(f"report: cannot write -o/--output={args.output!r} ({e.strerror or e}); "
+                                 "pass a file in a folder you can write to.") from None
+        print(path)
+        print(report.summary(), file=sys.stderr)
+    return 1 if args.fail_on and report.at_least(args.fail_on) else 0
+
+
+def _format_of(output: str | None) -> str:
+    """The format an output file's suffix asks for (.html, .json, .md), Markdown otherwise."""
+    suffix = Path(output).suffix.lower().lstrip(".") if output else ""
+    return {"htm": "html", "html": "html", "json": "json"}.get(suffix, "md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradwatch", description="Per-layer training diagnostics for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["csv", "parquet"], default="csv")
     p.add_argument("-o", "--output", default=None, help="output folder (default: RUN_DIR/export)")
     p.set_defaults(func=_export)
+    p = sub.add_parser("report", help="diagnose a run and write its findings as Markdown, HTML or JSON",
+                       description="Diagnose a run. Exit status: 0 when no finding reaches --fail-on (or it is "
+                                   "not given), 1 when one does, 2 on bad input (see docs/report.md).")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["md", "html", "json"], default=None,
+                   help="default: from the -o file's suffix (.html, .json), else md")
+    p.add_argument("-o", "--output", default=None, help="write to this file (default: standard output)")
+    p.add_argument("--fail-on", choices=["warning", "critical"], default=None,
+                   help="exit with 1 when a finding is at least this severe (default: never)")
+    p.set_defaults(func=_report)
     p = sub.add_parser("runs", help="list the runs under a folder")
     p.add_argument("runs_dir", nargs="?", default="runs")
     p.set_defaults(func=_runs)

@@ -31,6 +31,7 @@ class WatchConfig:
     dead_window: int = 25  # recorded steps per dead-unit window: a unit is dead if never positive in it
     trace_nonfinite: bool = True  # name the module that first produced a NaN/Inf (one reduction per module)
     flush_every: float = 0.5  # seconds between flushes (one host copy and one write transaction)
+    detect_every: float = 5.0  # seconds between live detector passes on a background thread; 0 turns them off
 
     def __post_init__(self) -> None:
         for name in ("every", "detail_every", "dead_window"):
@@ -44,6 +45,10 @@ class WatchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
                 raise GradwatchError(f"{name} must be a number >= {low}, got {name}={value!r}")
+        value = self.detect_every
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value == 0 or value >= 0.1):
+            raise GradwatchError(f"detect_every must be 0 (off) or a number of seconds >= 0.1, "
+                                 f"got detect_every={value!r}")
         if self.flush_every > 1.0:
             raise GradwatchError(
                 f"flush_every must be at most 1 second so that a killed run loses little, "

@@ -47,6 +47,15 @@ class _GradReady(_Hook):
         self.rec.on_grad_ready()
 
 
+class _GradIncoming(_Hook):
+    def run(self, grad):
+        self.rec.on_grad_incoming(self.param)
+
+    def __init__(self, rec: Recorder, param):
+        super().__init__(rec)
+        self.param = param
+
+
 class _ForwardStart(_Hook):
     def run(self, module, args):
         self.rec.on_forward_start(module.training)
@@ -91,8 +100,11 @@ def install(model: nn.Module, mm: ModelMap, rec: Recorder, cfg, optimizers: list
     handles = []
     try:
         if cfg.grad_norm:
-            handles += [p.register_post_accumulate_grad_hook(_GradReady(rec))
-                        for p in mm.params if p.requires_grad]
+            trainable = [p for p in mm.params if p.requires_grad]
+            handles += [p.register_post_accumulate_grad_hook(_GradReady(rec)) for p in trainable]
+            if trainable:  # the smallest parameter tells whether .grad was reset between steps
+                sentinel = min(trainable, key=lambda p: p.numel())
+                handles.append(sentinel.register_hook(_GradIncoming(rec, sentinel)))
         handles.append(model.register_forward_pre_hook(_ForwardStart(rec)))
         if cfg.activations:
             handles += [a.module.register_forward_hook(_ActivationOutput(rec, i))

@@ -89,6 +89,19 @@ class Recorder:
         # second after them, so that reduced gradients are read.
         _engine.queue_callback(lambda: _engine.queue_callback(self._read_grads))
 
+    def on_grad_incoming(self, param: torch.Tensor) -> None:
+        """A gradient for the sentinel parameter is about to be accumulated into its .grad.
+
+        At the first backward of a step, a .grad that still holds non-zero values was not reset since the
+        last optimizer step: `zero_grad()` is missing. One tiny reduction per step, on the smallest param.
+        """
+        if self._carry_checked or not self.recording:
+            return
+        self._carry_checked = True
+        if param.grad is not None:
+            with torch.no_grad():
+                self._carry = param.grad.ne(0).any()
+
     def _read_grads(self) -> None:
         self._queued = False
         try:
@@ -332,6 +345,8 @@ class Recorder:
                     put(f"dead_fraction@{site.index}", (site.unit_max <= 0).float().mean())
                     row_sites.setdefault("dead_fraction", []).append((site.index, site.unit_max.numel()))
                     site.unit_max = None
+        if self._carry is not None:
+            put("grad_carry", self._carry)
         if self._probes:
             put("probes", torch.stack(self._probes))
         lrs: list[float | None] = []
@@ -353,6 +368,8 @@ class Recorder:
     def _reset_step(self) -> None:
         self._grad = None
         self._queued = False
+        self._carry_checked = False
+        self._carry: torch.Tensor | None = None  # the sentinel's .grad was non-zero before this step's backward
         self._active_sites: set[int] = set()
         self._seen: dict[int, tuple[weakref.ref, int]] = {}
         self._probes: list[torch.Tensor] = []

@@ -21,7 +21,9 @@ from . import __version__, hooks
 from ._model import map_model
 from .chunk import Chunk, RunLayout
 from .config import WatchConfig
-from .errors import GradwatchError, GradwatchWarning
+from .detect import SEVERITY_RANK
+from .errors import GradwatchError, GradwatchHalt, GradwatchWarning
+from .live import Monitor, announce
 from .recorder import RatioSpec, Recorder
 from .store.writer import Rows, Writer, create_store
 
@@ -33,8 +35,9 @@ class Watcher:
     """Records one model's training into one run store. Create it with `gradwatch.watch()`."""
 
     def __init__(self, model: nn.Module, optimizers: list, run_dir: Path, config: WatchConfig, scaler,
-                 include: list[str] | None, exclude: list[str] | None):
+                 include: list[str] | None, exclude: list[str] | None, on_finding=None, halt_on: str | None = None):
         self.model, self.config, self.run_dir = model, config, run_dir
+        self._on_finding, self._halt_on = on_finding, halt_on
         self._optimizers, self._scaler = optimizers, scaler
         self._mm = mm = map_model(model, include, exclude)
         if not (mm.layers or mm.activations or mm.traced):
@@ -60,6 +63,7 @@ class Watcher:
         self._rows: list = []
         self._closed = False
         self._warned: set[str] = set()  # kinds of failure already warned about
+        self._loss_described = False
         try:
             conn = create_store(run_dir, self._meta(include, exclude))
         except (OSError, sqlite3.Error) as e:
@@ -77,6 +81,7 @@ class Watcher:
         if not optimizers and self._ratio_due():
             self._rec.snapshot(0, self._spec(None))  # so that step 0 has an update ratio too
         self._last_flush = time.monotonic()
+        self._monitor = Monitor(run_dir, self._writer, config.detect_every) if config.detect_every else None
         atexit.register(self._at_exit)
 
     # ---- the public surface ----------------------------------------------------------------------
@@ -117,6 +122,8 @@ class Watcher:
         except Exception as e:  # noqa: BLE001
             rec.internal_error(e)
         self._warn_once_if_failed()
+        if self._monitor is not None and not self._monitor.new.empty():
+            self._deliver(halt=True)
 
     def _record_step(self, loss) -> None:
         rec = self._rec
@@ -125,6 +132,9 @@ class Watcher:
         skipped = (not rec.stepped) if self._optimizers else None
         if self._optimizers and not rec.stepped:
             rec.lrs = [g.get("lr") for opt in self._optimizers for g in opt.param_groups]
+        if not self._loss_described and isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
+            self._loss_described = True
+            self._writer.put(Rows(meta={"loss": describe_loss(loss)}))
         window_end = (self._recorded + 1) % self.config.dead_window == 0
         row = rec.finish_step(self._step, loss, window_end, self.config.weight_norm and rec.detail)
         row.skipped = skipped
@@ -148,6 +158,7 @@ class Watcher:
         finally:
             try:
                 self._flush()
+                self._final_diagnosis()
             finally:
                 self._writer.close(Rows(meta={"status": status, "end_time": time.time(),
                                               "steps": self._step}))
@@ -166,6 +177,28 @@ class Watcher:
         return f"Watcher(run_dir={str(self.run_dir)!r}, step={self._step}, closed={self._closed})"
 
     # ---- internals -------------------------------------------------------------------------------
+    def _deliver(self, halt: bool) -> None:
+        """Log each new finding once, pass it to on_finding, and stop the run if it reaches halt_on."""
+        stop = None
+        while not self._monitor.new.empty():
+            f = self._monitor.new.get_nowait()
+            announce(f)
+            if self._on_finding is not None:
+                self._on_finding(f)
+            if halt and self._halt_on and stop is None and SEVERITY_RANK[f.severity] >= SEVERITY_RANK[self._halt_on]:
+                stop = f
+        if stop is not None:
+            raise GradwatchHalt(stop)
+
+    def _final_diagnosis(self) -> None:
+        """At close: one last pass over everything flushed, so the store and the log end complete."""
+        if self._monitor is None:
+            return
+        self._monitor.stop()
+        if self._writer.wait():
+            self._monitor.check()
+            self._deliver(halt=False)
+
     def _flush(self) -> None:
         self._last_flush = time.monotonic()
         if self._rows:
@@ -291,6 +324,33 @@ def _plain(v):
     return v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
 
 
+LOSS_CHAIN_DEPTH = 8
+
+
+def describe_loss(loss: torch.Tensor) -> dict:
+    """The loss's autograd chain, first input first, e.g. NllLossBackward0 <- LogSoftmaxBackward0 <- ...
+
+    Read once, from graph metadata only (no tensor data, no sync). The detectors use it to tell a
+    cross-entropy over C classes (C from log_softmax's output shape) and a softmax fed into it.
+    """
+    chain, classes, fn = [], None, loss.grad_fn
+    while fn is not None and len(chain) < LOSS_CHAIN_DEPTH:
+        name = type(fn).__name__
+        chain.append(name)
+        if name == "LogSoftmaxBackward0" and classes is None and chain[-2:-1] == ["NllLossBackward0"]:
+            classes = _softmax_size(fn)
+        fn = next((f for f, _ in fn.next_functions if f is not None), None)
+    return {"chain": chain, "classes": classes}
+
+
+def _softmax_size(fn) -> int | None:
+    try:  # private autograd metadata: absent in some torch builds, and then we do without
+        shape = fn._input_metadata[0].shape
+        return int(shape[fn._saved_dim])
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def _check_loss(loss) -> None:
     if loss is None:
         return
@@ -307,7 +367,7 @@ def _check_loss(loss) -> None:
 def watch(model: nn.Module, optimizer=None, run_dir: str | os.PathLike | None = None, *, scaler=None,
           include: str | list[str] | None = None, exclude: str | list[str] | None = None,
           name: str | None = None, config: WatchConfig | None = None, overwrite: bool = False,
-          **options) -> Watcher:
+          on_finding=None, halt_on: str | None = None, **options) -> Watcher:
     """Start recording a model's training. See the README for the full walk-through.
 
     Args:
@@ -320,6 +380,10 @@ def watch(model: nn.Module, optimizer=None, run_dir: str | os.PathLike | None = 
         name: run name used for the default `run_dir`.
         config: a `WatchConfig`; keyword `options` (every=, activations=, ...) override its fields.
         overwrite: replace a run already in `run_dir` instead of raising.
+        on_finding: called with each `Finding` at its first occurrence, on the training thread inside
+            `step()` (and `close()`); the live detectors run every `detect_every` seconds.
+        halt_on: "warning" or "critical": `step()` raises `GradwatchHalt` at the first finding of that
+            severity or worse, so that a doomed run stops early.
 
     Returns:
         A `Watcher`: call `step(loss)` once per optimizer step and `close()` at the end, or use it in a
@@ -331,5 +395,12 @@ def watch(model: nn.Module, optimizer=None, run_dir: str | os.PathLike | None = 
     if config is not None and not isinstance(config, WatchConfig):
         raise TypeError(f"watch: config must be a gradwatch.WatchConfig, got {type(config).__name__}")
     cfg = (config or WatchConfig()).replace(**options)
+    if on_finding is not None and not callable(on_finding):
+        raise TypeError(f"watch: on_finding must be a function taking a Finding, got {type(on_finding).__name__}")
+    if halt_on not in (None, "warning", "critical"):
+        raise GradwatchError(f"watch: halt_on must be None, 'warning' or 'critical', got halt_on={halt_on!r}")
+    if halt_on and not cfg.detect_every:
+        raise GradwatchError("watch: halt_on needs the live detectors, but detect_every=0 turns them off; "
+                             "set detect_every to a number of seconds (default 5).")
     run_path = prepare_run_dir(run_dir, name, overwrite)
-    return Watcher(model, optimizers, run_path, cfg, scaler, include, exclude)
+    return Watcher(model, optimizers, run_path, cfg, scaler, include, exclude, on_finding, halt_on)

@@ -17,6 +17,7 @@ from .schema import (
     DB_NAME,
     EVAL_FORWARD,
     FORWARD_NONFINITE,
+    GRAD_CARRIED,
     GRAD_NONFINITE,
     LOSS_NONFINITE,
     METRIC_KIND,
@@ -92,13 +93,19 @@ class Run:
         df["skipped"] = df["skipped"].astype("boolean")
         df["nonfinite"] = (flags & (LOSS_NONFINITE | GRAD_NONFINITE | FORWARD_NONFINITE)) > 0
         df["eval_mode"] = (flags & EVAL_FORWARD) > 0
+        df["grad_carried"] = (flags & GRAD_CARRIED) > 0
         lrs = [json.loads(v) if v else [] for v in df["lrs"]]
         width = max((len(v) for v in lrs), default=0)
         for g in range(max(width, 1)):
             df["lr" if g == 0 else f"lr_{g}"] = [v[g] if g < len(v) and v[g] is not None else np.nan
                                                  for v in lrs]
         cols = ["step", "time", "loss", "lr"] + [f"lr_{g}" for g in range(1, width)]
-        return df[cols + ["grad_norm", "skipped", "loss_scale", "nonfinite", "eval_mode"]]
+        return df[cols + ["grad_norm", "skipped", "loss_scale", "nonfinite", "eval_mode", "grad_carried"]]
+
+    @property
+    def metric_names(self) -> set[str]:
+        """The metrics this run recorded at least once (re-read on each access)."""
+        return {m for (m,) in self._query("SELECT DISTINCT metric FROM metric_values")}
 
     def wide(self, metric: str) -> pd.DataFrame:
         """One metric as a steps x layers frame (index: step; columns: layer names in model order)."""
@@ -116,7 +123,7 @@ class Run:
     def layers(self) -> pd.DataFrame:
         """Long form: step, layer, metric, value. Unmeasured values (NaN) have no row."""
         frames = []
-        present = [m for (m,) in self._query("SELECT DISTINCT metric FROM metric_values")]
+        present = self.metric_names
         order = self.series["name"].drop_duplicates().tolist()
         for metric in sorted(present, key=list(METRIC_KIND).index):
             w = self.wide(metric)
@@ -141,6 +148,26 @@ class Run:
         """Non-finite onsets: step, kind ("nan"/"inf"), phase, module (the producer), rank, value, detail."""
         rows = self._query("SELECT step, kind, phase, module, rank, value, detail FROM events ORDER BY step, id")
         return pd.DataFrame(rows, columns=["step", "kind", "phase", "module", "rank", "value", "detail"])
+
+    @property
+    def findings(self) -> pd.DataFrame:
+        """The findings the live detectors last wrote while the run trained (re-read on each access).
+
+        `gradwatch.diagnose(run)` computes them afresh from the frames; this is what the run itself saw.
+        """
+        cols = ["kind", "layer", "step", "severity", "message", "suggestion", "evidence", "first_seen"]
+        try:
+            rows = self._query(f"SELECT {', '.join(cols)} FROM findings ORDER BY step")
+        except GradwatchError:
+            if "findings" in self._tables():
+                raise
+            rows = []  # written before the findings table existed
+        df = pd.DataFrame(rows, columns=cols)
+        df["evidence"] = [json.loads(v) if v else {} for v in df["evidence"]]
+        return df
+
+    def _tables(self) -> set[str]:
+        return {name for (name,) in self._query("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r}, steps={len(self.steps)})"

@@ -10,6 +10,8 @@ Tables (documented for users in docs/store.md):
                                  0..n-1 of that metric's kind (little-endian); NaN means not measured
   events(step, kind, phase, module, ...)
                                  non-finite onsets, with the module that produced them
+  findings(kind, layer, step, severity, ...)
+                                 the live detectors' latest findings, replaced as a whole at each pass
 One row per (metric, step) instead of one per value keeps a 100k-step, 100-layer run near 400 MB
 and lets a reader pull one metric's history with a single range scan of the primary key.
 """
@@ -27,6 +29,7 @@ LOSS_NONFINITE = 1
 GRAD_NONFINITE = 2
 FORWARD_NONFINITE = 4
 EVAL_FORWARD = 8  # a forward with gradients on ran while the model was in eval() mode
+GRAD_CARRIED = 16  # .grad still held the previous step's values at this step's first backward (no zero_grad)
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -66,6 +69,17 @@ CREATE TABLE IF NOT EXISTS events (
     rank INTEGER,
     value REAL,
     detail TEXT
+);
+CREATE TABLE IF NOT EXISTS findings (
+    kind TEXT NOT NULL,
+    layer TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    severity TEXT NOT NULL,
+    message TEXT NOT NULL,
+    suggestion TEXT NOT NULL,
+    evidence TEXT,
+    first_seen REAL,
+    PRIMARY KEY (kind, layer, step)
 );
 """
 

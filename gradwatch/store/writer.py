@@ -28,11 +28,16 @@ class Rows:
     steps: list[tuple] = field(default_factory=list)  # (step, time, loss, grad_norm, lrs, skipped, scale, flags)
     values: list[tuple] = field(default_factory=list)  # (metric, step, float32 bytes)
     events: list[tuple] = field(default_factory=list)  # (step, kind, phase, module, rank, value, detail)
+    # None: unchanged; a list replaces the whole table: (kind, layer, step, severity, message, suggestion,
+    # evidence JSON, first_seen)
+    findings: list[tuple] | None = None
 
     def extend(self, other: Rows) -> None:
         self.meta.update(other.meta)
         for name in ("series", "steps", "values", "events"):
             getattr(self, name).extend(getattr(other, name))
+        if other.findings is not None:
+            self.findings = other.findings
 
 
 def create_store(run_dir: Path, meta: dict) -> sqlite3.Connection:
@@ -65,6 +70,9 @@ def _write(conn: sqlite3.Connection, rows: Rows) -> None:
     if rows.events:
         conn.executemany("INSERT INTO events (step, kind, phase, module, rank, value, detail) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?)", rows.events)
+    if rows.findings is not None:
+        conn.execute("DELETE FROM findings")
+        conn.executemany("INSERT OR REPLACE INTO findings VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows.findings)
 
 
 class Writer:
@@ -81,6 +89,10 @@ class Writer:
 
     def put(self, item) -> None:
         self._queue.put(item)
+
+    def put_findings(self, rows: list[tuple]) -> None:
+        """Replace the findings table with `rows` in the next transaction."""
+        self._queue.put(Rows(findings=rows))
 
     def wait(self, timeout: float = 60.0) -> bool:
         """Block until everything put so far is committed (or failed). False on timeout."""
