@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-ROOT_NAME = "(root)"  # the model itself, when it owns parameters directly; "" is kept for run-wide findings
+from .store.schema import ROOT_NAME
 
 # Units of these are dead when never positive: their output is > 0 exactly when their input is.
 RELU_FAMILY = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.RReLU, nn.PReLU)
@@ -17,8 +17,22 @@ PASS_THROUGH = (
     nn.Unflatten, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardtanh, nn.Hardswish,
     nn.Hardsigmoid, nn.Softsign, nn.Tanhshrink, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
 ) + RELU_FAMILY + tuple(SATURATING)
-# Pure containers return a child's output unchanged, so tracing them adds nothing.
+# Pure containers return a child's output unchanged, so tracing them adds nothing (except at the root,
+# whose output is the model's).
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# Modules that, with finite inputs and finite parameters, return finite float32/bfloat16 outputs: affine
+# maps, normalisations with an eps, poolings, paddings, gated RNNs, a stable softmax. Their outputs are
+# probed on detail steps (non-finite weights show there) and in float16, where an affine map can overflow
+# 65504; otherwise a NaN they pass on is probed by the next module that is not one of them, or by the
+# model's output. This spares a full pass over most activations on most steps.
+SAFE_IN_FLOAT32 = (
+    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+    nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm, nn.Embedding, nn.EmbeddingBag, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
+    nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd,
+    nn.RNNBase, nn.Softmax, nn.LogSoftmax, nn.Softmax2d, nn.ChannelShuffle,
+)
 CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 
@@ -47,6 +61,8 @@ class ModelMap:
     layers: list[Layer] = field(default_factory=list)
     activations: list[Activation] = field(default_factory=list)
     traced: list[tuple[str, nn.Module]] = field(default_factory=list)  # checked for NaN/Inf outputs
+    safe: set[int] = field(default_factory=set)  # traced indices of SAFE_IN_FLOAT32 modules
+    root_traced: int | None = None  # traced index of the model itself
     passing: list[nn.Module] = field(default_factory=list)  # pass-through modules, verdict carried over
     params: list[nn.Parameter] = field(default_factory=list)  # unique watched parameters
     param_of_pair: list[int] = field(default_factory=list)  # (param, layer) pairs: a tied weight is in two
@@ -99,7 +115,11 @@ def map_model(model: nn.Module, include: list[str] | None, exclude: list[str] | 
             mm.activations.append(Activation(name, module, kind, first))
         elif isinstance(module, PASS_THROUGH):
             mm.passing.append(module)
-        elif type(module) not in CONTAINERS:
+        elif type(module) not in CONTAINERS or module is model:
+            if module is model:
+                mm.root_traced = len(mm.traced)
+            if isinstance(module, SAFE_IN_FLOAT32):
+                mm.safe.add(len(mm.traced))
             mm.traced.append((name, module))
         if own:
             last_param_module = module

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .recorder import ABSENT, StepRow
-from .store.schema import EVAL_FORWARD, FORWARD_NONFINITE, GRAD_CARRIED, GRAD_NONFINITE, LOSS_NONFINITE
+from .store.schema import EVAL_FORWARD, FORWARD_NONFINITE, GRAD_CARRIED, GRAD_NONFINITE, LOSS_NONFINITE, ROOT_NAME
 from .store.writer import Rows
 
 
@@ -85,7 +85,10 @@ class Chunk:
         if "grad_norm" in cols:
             norm = cols["grad_norm"].copy()
             absent = norm == ABSENT
-            grad_probe = cols.get("grad_maxabs", cols["grad_norm"])  # NaN/Inf as measured
+            # NaN/Inf as measured. Without max |g| (not a detail step), a per-tensor norm past float32's range
+            # (about 1.8e19, whose square overflows inside the norm kernel) also reads inf: an explosion so
+            # far gone that it is reported with the non-finite ones.
+            grad_probe = cols.get("grad_maxabs", cols["grad_norm"])
             layer_bad = ~np.isfinite(grad_probe) & ~absent
             norm[absent] = np.nan
             norm[layer_bad] = np.inf  # a NaN norm would read as "not measured"
@@ -105,7 +108,7 @@ class Chunk:
         flags |= EVAL_FORWARD * np.array([r.eval_forward for r in run])
         if "grad_carry" in cols:
             flags |= GRAD_CARRIED * (cols["grad_carry"][:, 0] > 0)
-        total = np.sqrt(cols["grad_total_sq"][:, 0].astype(np.float64)) if "grad_total_sq" in cols else None
+        total = cols["grad_total"][:, 0].astype(np.float64) if "grad_total" in cols else None
         scale = cols["loss_scale"][:, 0] if "loss_scale" in cols else None
         for i, r in enumerate(run):
             lrs = [float(cols[f"lr@{g}"][i, 0]) if lr is None else lr for g, lr in enumerate(r.lrs)]
@@ -162,10 +165,11 @@ class Chunk:
         for m, ins, _ in row.trace:
             if any(i >= 0 and bad[i] for i in ins):
                 name = traced[m][0]
+                whose = "the model's input (the batch itself)" if name == ROOT_NAME else f"the input of {name}"
                 return self._event(row, _nan_or_inf(probes[[i for i in ins if i >= 0 and bad[i]][0]]),
                                    "input", name,
-                                   f"the input of {name} already held NaN/Inf at step {row.step} and no watched "
-                                   "module produced it: the batch itself, or code outside any module")
+                                   f"{whose} already held NaN/Inf at step {row.step} and no watched module "
+                                   "produced it: the data, or code outside any module")
         if loss is not None and not math.isfinite(loss):
             return self._event(row, _nan_or_inf(loss), "loss", "",
                                f"the loss is {loss} at step {row.step} while every module output was finite: "

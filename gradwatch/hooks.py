@@ -6,6 +6,7 @@ never feeds this run.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ._model import ModelMap
@@ -58,12 +59,26 @@ class _GradIncoming(_Hook):
 
 class _ForwardStart(_Hook):
     def run(self, module, args):
-        self.rec.on_forward_start(module.training)
+        self.rec.on_forward_start(module.training, args)
 
 
 class _ModuleOutput(_Hook):
     def run(self, module, args, kwargs, out):
         self.rec.on_module_output(self.index, args, kwargs, out)
+
+
+class _ModuleInput(_Hook):
+    def run(self, module, args, kwargs):
+        self.rec.on_module_input(args, kwargs)
+
+
+class _SafeOutput(_Hook):
+    """A SAFE_IN_FLOAT32 module: probed on detail steps (a weight made NaN by hand or by a checkpoint shows
+    there), and whenever it computes in float16."""
+
+    def run(self, module, args, kwargs, out):
+        if self.rec.detail or (isinstance(out, torch.Tensor) and out.dtype == torch.float16):
+            self.rec.on_module_output(self.index, args, kwargs, out)
 
 
 class _ActivationOutput(_Hook):
@@ -110,8 +125,12 @@ def install(model: nn.Module, mm: ModelMap, rec: Recorder, cfg, optimizers: list
             handles += [a.module.register_forward_hook(_ActivationOutput(rec, i))
                         for i, a in enumerate(mm.activations)]
         if cfg.trace_nonfinite:
-            handles += [m.register_forward_hook(_ModuleOutput(rec, i), with_kwargs=True)
+            handles += [m.register_forward_hook((_SafeOutput if i in mm.safe else _ModuleOutput)(rec, i),
+                                                with_kwargs=True)
                         for i, (_, m) in enumerate(mm.traced)]
+            # Inputs are judged before the module runs: one that modifies them in place is still caught.
+            handles += [m.register_forward_pre_hook(_ModuleInput(rec), with_kwargs=True)
+                        for i, (_, m) in enumerate(mm.traced) if i not in mm.safe and i != mm.root_traced]
             handles += [m.register_forward_hook(_PassThrough(rec)) for m in mm.passing]
             if not cfg.activations:
                 handles += [a.module.register_forward_hook(_PassThrough(rec)) for a in mm.activations]

@@ -128,21 +128,21 @@ class Recorder:
         sq = stats.sq_norms(grads)
         gather = pair_param is not None and not (absent is None and self._pairs_are_params)
         layer_norm = stats.per_layer(sq[pair_param] if gather else sq, pair_layer, self.n_layers, "sum").sqrt_()
-        total_sq = sq.sum()
+        total = sq.sum().sqrt()
         layer_max = None
         if self.cfg.grad_maxabs and self.detail:
             mx = stats.maxabs(grads)
             layer_max = stats.per_layer(mx[pair_param] if gather else mx, pair_layer, self.n_layers, "amax")
         scale = self._scale()
         if scale is not None:  # grads are scaled by the GradScaler until it unscales them
-            inv = scale.double().reciprocal().float()
+            inv = scale.double().reciprocal()
             layer_norm = layer_norm * inv
-            total_sq = total_sq * inv * inv
+            total = total * inv
             layer_max = layer_max * inv if layer_max is not None else None
         if absent is not None:
             layer_norm = layer_norm.masked_fill(absent, ABSENT)
             layer_max = layer_max.masked_fill(absent, ABSENT) if layer_max is not None else None
-        self._grad = (layer_norm, layer_max, total_sq, scale)
+        self._grad = (layer_norm, layer_max, total, scale)
 
     def _subset(self, present: tuple[int, ...]):
         """Index tensors for a step where only `present` params have grads; built once per pattern."""
@@ -164,11 +164,21 @@ class Recorder:
         return s._scale.reshape(()).float().clone()
 
     # ---- forward: activations and NaN tracing ----------------------------------------------------
-    def on_forward_start(self, training: bool) -> None:
+    def on_forward_start(self, training: bool, args: tuple) -> None:
         self._calls = [0] * len(self._calls)
         self._seen.clear()
-        if torch.is_grad_enabled() and not training and _graph_task_id() == -1:
+        if not torch.is_grad_enabled() or _graph_task_id() != -1:
+            return
+        if not training:
             self.eval_forward = True
+        root = self.mm.root_traced
+        if self.recording and self.cfg.trace_nonfinite and root is not None:
+            # The model's inputs, probed before any module runs: a NaN batch is named as such even when
+            # the modules it goes through first are not probed (SAFE_IN_FLOAT32).
+            with torch.no_grad():
+                ins = tuple(self._probe_of(t, is_input=True) for t in args if isinstance(t, torch.Tensor))
+            if ins:
+                self._trace.append((root, ins, -1))
 
     def on_activation(self, a: int, args: tuple, out) -> None:
         if not (self.recording and torch.is_grad_enabled() and isinstance(out, torch.Tensor)) \
@@ -220,10 +230,18 @@ class Recorder:
         if not (self.recording and torch.is_grad_enabled()) or len(self._probes) >= 2 * MAX_PROBES_PER_STEP \
                 or _graph_task_id() != -1:
             return
-        ins = [t for t in args if isinstance(t, torch.Tensor)]
-        ins += [t for t in kwargs.values() if isinstance(t, torch.Tensor)] if kwargs else []
         with torch.no_grad():
-            self._trace.append((m, tuple(self._probe_of(t, is_input=True) for t in ins), self._probe_of(out)))
+            ins = tuple(self._probe_of(t, is_input=True) for t in _input_tensors(args, kwargs))
+            self._trace.append((m, ins, self._probe_of(out)))
+
+    def on_module_input(self, args: tuple, kwargs: dict) -> None:
+        """Probe a traced module's inputs before it runs (later lookups reuse these verdicts)."""
+        if not (self.recording and torch.is_grad_enabled()) or len(self._probes) >= 2 * MAX_PROBES_PER_STEP \
+                or _graph_task_id() != -1:
+            return
+        with torch.no_grad():
+            for t in _input_tensors(args, kwargs):
+                self._probe_of(t, is_input=True)
 
     def on_pass_through(self, args: tuple, out) -> None:
         if self.recording and args and torch.is_grad_enabled():
@@ -319,9 +337,9 @@ class Recorder:
         elif loss is not None:
             host_loss = float(loss)
         if self._grad is not None:
-            layer_norm, layer_max, total_sq, scale = self._grad
+            layer_norm, layer_max, total, scale = self._grad
             put("grad_norm", layer_norm)
-            put("grad_total_sq", total_sq)
+            put("grad_total", total)
             if layer_max is not None:
                 put("grad_maxabs", layer_max)
             if scale is not None:
@@ -380,6 +398,11 @@ class Recorder:
         self.eval_forward = False  # a grad-enabled forward ran with the model in eval() mode
         self.lrs: list = []
         self._calls = [0] * len(self.mm.activations)
+
+
+def _input_tensors(args: tuple, kwargs: dict | None) -> list[torch.Tensor]:
+    ins = [t for t in args if isinstance(t, torch.Tensor)]
+    return ins + [t for t in kwargs.values() if isinstance(t, torch.Tensor)] if kwargs else ins
 
 
 def _tensors_in(value, depth: int = 0) -> list[torch.Tensor]:

@@ -25,15 +25,16 @@ _INF = float("inf")
 
 
 def sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Squared L2 norm of each tensor, as one float32 vector on the tensors' device. Call under no_grad.
+    """Squared L2 norm of each tensor, as one float64 vector on the tensors' device. Call under no_grad.
 
     One `_foreach_norm` call: a fused kernel on CUDA, and on CPU one dispatch for all tensors, which beats
     a dot per tensor once there are more than a few (each CPU op costs ~10-20 us of dispatch and thread
-    wake-up in a real training loop). Accumulates in float32, so bf16 keeps float32 accuracy and an fp16
-    norm above 65504 stays finite.
+    wake-up in a real training loop). The norms come out in float32, so bf16 keeps float32 accuracy and an
+    fp16 norm above 65504 stays finite; they are squared in float64, where a finite norm of 1e20 (an
+    exploding gradient, not a non-finite one) squares without overflowing.
     """
     dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
-    norms = torch.stack(torch._foreach_norm(dense, 2, dtype=torch.float32))
+    norms = torch.stack(torch._foreach_norm(dense, 2, dtype=torch.float32)).double()
     return norms * norms
 
 

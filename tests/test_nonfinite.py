@@ -242,8 +242,8 @@ def test_nan_in_input_batch(tmp_path):
         return x, y
 
     run, losses, bad = _train(model, tmp_path / "run", batch)
-    ev = _one_event(run)
-    assert (ev["step"], ev["phase"], ev["module"], ev["kind"]) == (BAD, "input", "0", "nan")
+    ev = _one_event(run)  # probed as it enters the model
+    assert (ev["step"], ev["phase"], ev["module"], ev["kind"]) == (BAD, "input", "(root)", "nan")
     _check_flags(run, losses, bad)
 
 
@@ -379,3 +379,21 @@ def test_trace_off_still_flags_the_step_but_names_no_producer(tmp_path):
     assert not (ev["phase"] == "forward").any()
     assert not (ev["module"] == "2").any()
     assert (ev["step"] >= BAD).all()
+
+
+def test_large_gradient_norms_combine_without_overflow(tmp_path):
+    """A weight and a bias gradient of 1.5e19 each: every per-tensor norm fits float32, but the sum of their
+    squares (4.5e38) does not. They are combined in float64, so the layer norm is exact, not inf."""
+    model = nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", detect_every=0) as gw:
+        opt.zero_grad()
+        loss = (model(torch.ones(1, 1)) * 1.5e19).sum()
+        loss.backward()
+        assert model.weight.grad.item() == model.bias.grad.item() == pytest.approx(1.5e19)
+        opt.step()
+        gw.step(loss)
+    run = gradwatch.load_run(tmp_path / "run")
+    assert run.wide("grad_norm").iloc[0]["(root)"] == pytest.approx(math.hypot(1.5e19, 1.5e19), rel=1e-6)
+    assert run.steps["grad_norm"].iloc[0] == pytest.approx(math.hypot(1.5e19, 1.5e19), rel=1e-6)
+    assert not run.steps["nonfinite"].any() and run.events.empty

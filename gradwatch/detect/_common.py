@@ -28,7 +28,8 @@ def modules(frames: Frames) -> list[tuple[str, str]]:
 
 def depth_layers(frames: Frames) -> list[str]:
     """Trainable weight layers in model order, without embeddings and norms."""
-    return [ly["name"] for ly in layers(frames) if ly.get("trainable", True) and not NOT_DEPTH.search(ly["type"])]
+    return [ly["name"] for ly in layers(frames)
+            if ly.get("trainable", True) and not NOT_DEPTH.search(ly.get("type") or "")]
 
 
 def layer_size(frames: Frames) -> dict[str, int]:
@@ -65,6 +66,22 @@ def layer_after(frames: Frames, module: str) -> str | None:
 
 def module_types(frames: Frames) -> dict[str, str]:
     return dict(modules(frames))
+
+
+def cross_entropy_classes(frames: Frames) -> int | None:
+    """C when the logged loss is a plain mean cross-entropy over C classes, read from its autograd chain.
+
+    A `.mean()` in front (reduction="none" then mean) keeps the scale; a division, product or sum
+    (`loss / accumulation_steps`, `2 * loss`, a summed loss) rescales it by a factor we cannot know, and
+    label smoothing adds a term: then None.
+    """
+    loss = frames.meta.get("loss") or {}
+    chain, classes = list(loss.get("chain") or []), loss.get("classes")
+    while chain and chain[0] == "MeanBackward0":
+        chain = chain[1:]
+    if not chain or chain[0] != "NllLossBackward0" or not classes or int(classes) < 2:
+        return None
+    return int(classes)
 
 
 # ---- the run ---------------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ def detect(frames: Frames) -> list[Finding]:
     low = float(scale.min()) if len(scale) else None
     critical = (low is not None and low < 1.0) or share > 0.5
     longest = max((b - a + 1 for a, b in runs), default=1)
-    message = (f"The GradScaler skipped {pct(share)} of the optimizer steps after step {SEARCH}, up to {longest} in "
-               f"a row, starting at step {step}; the loss scale went down to {num(low)}.")
+    message = (f"The GradScaler skipped {pct(share)} of the optimizer steps after its first {SEARCH}, up to "
+               f"{longest} in a row, starting at step {step}; the loss scale went down to {num(low)}.")
     suggestion = ("The fp16 gradients overflow at almost any scale: look for a layer whose activations "
                   "exceed 65504 in fp16 (attention logits, an unnormalised sum), keep it in float32 under "
                   "`torch.autocast(device_type, enabled=False)`, or train in bfloat16, which has float32's range.")

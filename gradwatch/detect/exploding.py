@@ -2,8 +2,10 @@
 
 Temporal rule (the run against itself): the global pre-clip gradient norm is compared with the median of
 the previous WINDOW clean steps (at least WARMUP of them). It explodes at step t when it is above GROWTH x
-that median for PERSIST steps in a row (a non-finite norm counts as above), and the loss shows it: the
-loss rose above 1.5x its own median, or went non-finite, within those steps or the next PERSIST. Gradient
+that median for PERSIST steps in a row (after a first finite one, a non-finite norm counts as above: a norm
+that goes NaN with no growth before it is a nan_inf finding only), and the loss shows it: the
+loss rose above 1.5x its own median (and by 5% of the first loss at least, for a loss near 0), or went
+non-finite, within those steps or the next PERSIST. Gradient
 norms that grow while the loss keeps falling are a run that clipping or Adam keeps in hand: no finding.
 The layer named is the one whose norm grew most relative to its own median.
 
@@ -45,9 +47,11 @@ def _temporal(frames: Frames) -> Finding | None:
     above = usable & (~np.isfinite(g) | (g > GROWTH * base)) & np.isfinite(base)
     loss = s["loss"].to_numpy(float)
     loss_base = _prev_median(np.where(np.isfinite(loss), loss, np.nan), WINDOW, WARMUP)
-    loss_bad = ~np.isfinite(loss) | (loss > 1.5 * np.abs(loss_base))
+    first = abs(loss[np.isfinite(loss)][0]) if np.isfinite(loss).any() else 0.0
+    loss_bad = ~np.isfinite(loss) | (loss > loss_base + np.maximum(0.5 * np.abs(loss_base), 0.05 * first))
     for i in range(len(g) - PERSIST + 1):
-        if above[i: i + PERSIST].all() and loss_bad[i: i + 2 * PERSIST].any():
+        # It starts with a finite norm that grew: a norm that is NaN at once is nan_inf's, not a growth.
+        if np.isfinite(g[i]) and above[i: i + PERSIST].all() and loss_bad[i: i + 2 * PERSIST].any():
             return _temporal_finding(frames, i, base[i])
     return None
 

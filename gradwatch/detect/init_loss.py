@@ -4,15 +4,16 @@ A classifier that starts without an opinion predicts about 1/C for each class, s
 cross-entropy is about ln(C) (Karpathy, "A Recipe for Training Neural Networks": verify the loss at
 init). A first loss above RATIO x ln(C) and at least MIN_GAP nats above it means the initial logits are
 large and confidently wrong: the first steps are spent shrinking them (a "hockey stick" loss curve).
-Only when the loss is a plain cross-entropy (read from its autograd chain) and the run was recorded from
-step 0. A first loss below ln(C) is not a finding: a pretrained model starts there.
+Only when the logged loss is a plain mean cross-entropy (read from its autograd chain: not divided for
+gradient accumulation, not label-smoothed) and the run was recorded from step 0. A first loss below ln(C)
+is not a finding: a pretrained model starts there.
 """
 from __future__ import annotations
 
 import math
 
 from . import Finding, Frames, detector
-from ._common import depth_layers, num
+from ._common import cross_entropy_classes, depth_layers, num
 
 RATIO = 1.5
 MIN_GAP = 1.0
@@ -20,12 +21,9 @@ MIN_GAP = 1.0
 
 @detector
 def detect(frames: Frames) -> list[Finding]:
-    loss = frames.meta.get("loss") or {}
-    chain, classes = loss.get("chain") or [], loss.get("classes")
-    while chain and chain[0] in ("DivBackward0", "MulBackward0"):
-        chain = chain[1:]
+    classes = cross_entropy_classes(frames)
     s = frames.steps
-    if not chain or chain[0] != "NllLossBackward0" or not classes or classes < 2 or s.empty:
+    if classes is None or s.empty:
         return []
     if int(s["step"].iloc[0]) != 0 or not math.isfinite(s["loss"].iloc[0]):
         return []

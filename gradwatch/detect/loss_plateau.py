@@ -2,10 +2,11 @@
 
 Rule: the clean steps after the learning-rate warmup are cut into windows of W = max(MIN_WINDOW, n / 5)
 steps. A window is flat when the median loss of its last quarter is less than DROP (5%) below that of its
-first quarter. A plateau is at least two flat windows in a row that the run never leaves, while the loss
-is still near where it started: above STUCK (80%) of the initial level, or within 10% of ln(C), chance
-level for a C-class cross-entropy. A run that learned and then levelled off has converged, which is not a
-finding; neither is a run near zero.
+first quarter. A plateau is at least two flat windows in a row that the run never leaves, over which the
+loss fell less than DROP in all, while it is still near where the run started (the median of its first
+HEAD clean steps): between STUCK (80%) and 150% of that, or within 10% of ln(C), chance level for a
+C-class cross-entropy. A run that learned and then levelled off has converged, which is not a finding;
+neither is a run near zero, nor one that diverged above where it started (exploding or spikes).
 """
 from __future__ import annotations
 
@@ -14,17 +15,23 @@ import math
 import numpy as np
 
 from . import Finding, Frames, detector
-from ._common import clean_steps, lr_at, nice, num, pct, sentence
+from ._common import clean_steps, cross_entropy_classes, lr_at, nice, num, pct, sentence
 
 MIN_WINDOW = 30
 DROP = 0.05
 STUCK = 0.8
+DIVERGED = 1.5
 CHANCE_TOL = 0.1
+HEAD = 5
 
 
 @detector
 def detect(frames: Frames) -> list[Finding]:
-    s = _after_warmup(frames, clean_steps(frames))
+    clean = clean_steps(frames)
+    if clean.empty:
+        return []
+    initial = float(np.median(clean["loss"].to_numpy(float)[:HEAD]))
+    s = _after_warmup(frames, clean)
     n = len(s)
     w = max(MIN_WINDOW, n // 5)
     if n < 2 * w:
@@ -39,17 +46,20 @@ def detect(frames: Frames) -> list[Finding]:
     if tail < 2:
         return []
     first = starts[len(flat) - tail]
+    if _rel_drop(loss[first:], q) >= DROP:  # every window flat, but together still going down
+        return []
     level = float(np.median(loss[first:]))
-    initial = float(np.median(loss[: q]))
-    chance = _chance(frames)
+    classes = cross_entropy_classes(frames)
+    chance = math.log(classes) if classes else None
     at_chance = chance is not None and abs(level - chance) <= CHANCE_TOL * chance
-    if not (level > STUCK * abs(initial) or at_chance) or abs(level) < 1e-3 * max(abs(initial), 1e-12):
+    stuck = STUCK * abs(initial) < level <= DIVERGED * abs(initial)
+    if not (stuck or at_chance) or abs(level) < 1e-3 * max(abs(initial), 1e-12):
         return []
     step = int(s["step"].iloc[first])
     span = int(s["step"].iloc[-1]) - step + 1
     message = (f"The loss has stayed at about {num(level)} for the last {span} steps (from step {step}, less than "
                f"{pct(DROP)} lower per {w}-step window), {pct(level / initial) if initial else 'n/a'} of where it "
-               "started" + (f", which is chance level ln({_classes(frames)}) = {num(chance)}." if at_chance else "."))
+               "started" + (f", which is chance level ln({classes}) = {num(chance)}." if at_chance else "."))
     return [Finding("loss_plateau", "", step, "warning", message, _suggestion(frames, step),
                     {"level": level, "initial": initial, "window": w, "chance": chance})]
 
@@ -66,17 +76,6 @@ def _after_warmup(frames: Frames, s):
 def _rel_drop(x: np.ndarray, q: int) -> float:
     a, b = float(np.median(x[:q])), float(np.median(x[-q:]))
     return (a - b) / abs(a) if a else 0.0
-
-
-def _classes(frames: Frames) -> int | None:
-    loss = frames.meta.get("loss") or {}
-    c = loss.get("classes")
-    return int(c) if c and loss.get("chain", [None])[0] == "NllLossBackward0" else None
-
-
-def _chance(frames: Frames) -> float | None:
-    c = _classes(frames)
-    return math.log(c) if c and c > 1 else None
 
 
 def _suggestion(frames: Frames, step: int) -> str:

@@ -1,16 +1,18 @@
 """Loss spikes: a step whose loss leaps far above the run's recent level.
 
-Rule (after OLMo-core's spike check: 6 sigma over a 128-step window), on clean steps:
+Rule (after OLMo-core's spike check: 6 sigma over a 128-step window), on clean steps, from step WARMUP:
   - level: the median of the previous LEVEL steps (short, so a fast-falling loss is compared with where it
     is now, not where it was);
-  - noise: 1.4826 x the MAD of the residuals loss - level over the previous WINDOW steps (robust to the
-    spikes themselves);
-  - a spike is a loss more than Z sigma above the level, above every loss of the previous LEVEL steps, and
-    above the level by more than MIN_JUMP of the run's scale (max(|level|, initial loss)), so that a
-    converged run's tiny wobbles do not count.
+  - residual: loss - level. Noise: 1.4826 x the median |residual| over the previous WINDOW steps (robust
+    to the spikes themselves; residuals from a moving median are centred on 0);
+  - a spike is a residual more than Z sigma, at least RECORD x every residual of the previous WINDOW steps
+    (heavy-tailed noise sets new records, but seldom far above the last one), and at least MIN_JUMP x |level|
+    (a visible jump, not a 7-sigma blip of 2% noise), or 1% of the first loss for a loss near 0.
+Known limit: per-batch losses that are themselves heavy-tailed (Student-t with 3 degrees of freedom, a few
+very hard batches per hundred) still read as spikes now and then.
 Spikes within GAP steps of each other are one finding. Critical when the gradient norm co-spikes (more than
-Z sigma above its own level within a step): the update that followed was large. At most MAX_FINDINGS are
-reported; the evidence counts all of them.
+Z sigma above its own level, same level and sigma rule, within a step): the update that followed was large.
+At most MAX_FINDINGS are reported; the evidence counts all of them.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ LEVEL = 16
 WINDOW = 128
 WARMUP = 20
 Z = 6.0
-MIN_JUMP = 0.1
+MIN_JUMP = 0.25
+RECORD = 1.5
+NEAR_ZERO = 0.01
 GAP = 5
 MAX_FINDINGS = 3
 
@@ -41,7 +45,7 @@ def detect(frames: Frames) -> list[Finding]:
         return []
     clusters = _cluster(idx, steps)
     g = s["grad_norm"].astype(float).reset_index(drop=True)
-    g_spike, _, _ = _spikes(g) if g.notna().sum() > WARMUP else (np.zeros(len(g), bool), None, None)
+    g_spike = (_zscore(g)[0] > Z) if g.notna().sum() > WARMUP else np.zeros(len(g), bool)
     out = []
     for first in clusters[:MAX_FINDINGS]:
         co = bool(g_spike[max(first - 1, 0): first + 2].any())
@@ -49,19 +53,23 @@ def detect(frames: Frames) -> list[Finding]:
     return out
 
 
-def _spikes(x: pd.Series):
-    prev = x.shift(1)
-    level = prev.rolling(LEVEL, min_periods=LEVEL // 2).median()
-    recent_max = prev.rolling(LEVEL, min_periods=LEVEL // 2).max()
+def _zscore(x: pd.Series):
+    """Robust z of each value against the previous ones: (x - level) / sigma, with the residuals."""
+    level = x.shift(1).rolling(LEVEL, min_periods=LEVEL // 2).median()
     resid = x - level
-    mad = (resid - resid.rolling(WINDOW, min_periods=WARMUP).median()).abs().shift(1)
-    sigma = MAD_TO_SIGMA * mad.rolling(WINDOW, min_periods=WARMUP).median()
-    scale = np.maximum(level.abs(), abs(float(x.dropna().iloc[0])) if x.notna().any() else 0.0)
-    z = resid / sigma.where(sigma > 0)
-    jump_ok = resid > MIN_JUMP * scale
-    spike = (z > Z) & (x > recent_max) & jump_ok
-    spike.iloc[:WARMUP] = False
-    return spike.fillna(False).to_numpy(bool), z.to_numpy(), level.to_numpy()
+    sigma = MAD_TO_SIGMA * resid.shift(1).abs().rolling(WINDOW, min_periods=WARMUP - LEVEL // 2).median()
+    z = (resid / sigma.where(sigma > 0)).to_numpy(copy=True)
+    z[:WARMUP] = np.nan
+    return z, resid, level
+
+
+def _spikes(x: pd.Series):
+    z, resid, level = _zscore(x)
+    record = resid.shift(1).rolling(WINDOW, min_periods=WARMUP - LEVEL // 2).max()
+    first = abs(float(x.dropna().iloc[0])) if x.notna().any() else 0.0
+    big = resid > np.maximum(MIN_JUMP * level.abs(), NEAR_ZERO * first)
+    spike = (z > Z) & (resid > RECORD * record.clip(lower=0)).to_numpy() & big.to_numpy()
+    return np.nan_to_num(spike).astype(bool), z, level.to_numpy()
 
 
 def _cluster(idx: np.ndarray, steps: np.ndarray) -> list[int]:
@@ -77,7 +85,7 @@ def _finding(frames: Frames, s: pd.DataFrame, i: int, z: np.ndarray, level: np.n
     step = int(s["step"].iloc[i])
     loss = float(s["loss"].iloc[i])
     after = s["loss"].iloc[i + 1: i + 1 + 2 * LEVEL].astype(float)
-    recovered = bool(len(after) and (after <= level[i] * 1.1 + 1e-12).any())
+    recovered = bool(len(after) and (after <= level[i] + 0.1 * abs(level[i]) + 1e-12).any())
     message = (f"The loss jumped to {num(loss)} at step {step}, {num(loss / level[i]) if level[i] else 'inf'}x its "
                f"recent level of {num(level[i])} ({num(z[i])} sigma)"
                + (", with the gradient norm spiking too" if co_spike else ", with no jump in the gradient norm")

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from ..store.schema import ROOT_NAME
 from . import Finding, Frames, detector
 from ._common import clean_steps, healthy_grad_norm, lr_at, nice, nice_factor, num
 
@@ -34,9 +35,9 @@ def detect(frames: Frames) -> list[Finding]:
     scaler = bool(frames.meta.get("scaler"))
     findings: dict[tuple[str, str], Finding] = {}
     if events is None or events.empty:
-        first = int(steps.loc[steps["nonfinite"], "step"].iloc[0])
-        if not (scaler and _scaler_skip(steps, first)):
-            findings[("", "")] = _finding(frames, first, "", "", "nan", n=int(steps["nonfinite"].sum()))
+        bad = [int(s) for s in steps.loc[steps["nonfinite"], "step"] if not (scaler and _scaler_skip(steps, s))]
+        if bad:
+            findings[("", "")] = _finding(frames, bad[0], "", "", "nan", n=len(bad))
         return list(findings.values())
     for ev in events.itertuples():
         if scaler and ev.phase == "backward" and _scaler_skip(steps, ev.step):
@@ -60,11 +61,14 @@ def _scaler_skip(steps, step: int) -> bool:
 
 
 def _finding(frames: Frames, step: int, phase: str, module: str, kind: str, n: int, rank: int | None = None):
-    what = PHASE_WHAT.get(phase, "a non-finite loss or gradient appeared").format(module=module, kind=kind.upper())
+    who = "the model" if module == ROOT_NAME else module
+    what = PHASE_WHAT.get(phase, "a non-finite loss or gradient appeared").format(module=who, kind=kind.upper())
     where = f" on rank {rank}" if rank is not None else ""
     streak = _streak(frames.steps, step)
-    message = (f"{what} at step {step}{where}; {streak} consecutive step{'s' * (streak != 1)} "
-               f"were non-finite from there" + (f", and it happened {n} times" if n > 1 else "") + ".")
+    what = what[:1].upper() + what[1:]
+    streak_words = "only that step was" if streak == 1 else f"{streak} consecutive steps were"
+    message = (f"{what} at step {step}{where}; {streak_words} non-finite"
+               + (f", and it happened {n} times" if n > 1 else "") + ".")
     return Finding("nan_inf", module if phase in ("forward", "input", "backward") else "", step, "critical",
                    message, _suggestion(frames, step, phase, module),
                    {"phase": phase or None, "value": kind, "streak": streak, "occurrences": n, "rank": rank})

@@ -18,6 +18,7 @@ and lets a reader pull one metric's history with a single range scan of the prim
 from __future__ import annotations
 
 SCHEMA_VERSION = 1
+ROOT_NAME = "(root)"  # how the model itself is named in the store; "" is kept for run-wide findings
 DB_NAME = "gradwatch.db"
 
 LAYER_METRICS = ("grad_norm", "grad_maxabs", "weight_norm", "update_ratio", "nonfinite")
