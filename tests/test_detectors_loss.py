@@ -667,3 +667,8 @@ def test_adam_weight_decay_names_which_optimizer():
 ], ids=["adam_no_decay", "adamw", "adam_decoupled", "sgd"])
 def test_adam_weight_decay_is_silent(spec):
     assert adam_weight_decay.detect(optimizers(spec)) == []
+
+
+def test_nan_inf_keeps_the_module_name_as_written():
+    (f,) = nan_inf.detect(nan_run(at=60, upto=61, events=events_frame((60, "nan", "forward", "encoder.norm"))))
+    assert f.message.startswith("encoder.norm returned NAN from finite inputs")

@@ -20,9 +20,9 @@ from ._common import clean_steps, healthy_grad_norm, lr_at, nice, nice_factor, n
 
 PHASE_WHAT = {
     "forward": "{module} returned {kind} from finite inputs in the forward pass",
-    "input": "the input of {module} already held {kind}: the batch itself, or code outside any module",
-    "loss": "the loss became {kind} while every module output was finite",
-    "backward": "the gradient of {module} became {kind} while the forward pass and the loss were finite",
+    "input": "The input of {module} already held {kind}: the batch itself, or code outside any module",
+    "loss": "The loss became {kind} while every module output was finite",
+    "backward": "The gradient of {module} became {kind} while the forward pass and the loss were finite",
 }
 
 
@@ -62,10 +62,9 @@ def _scaler_skip(steps, step: int) -> bool:
 
 def _finding(frames: Frames, step: int, phase: str, module: str, kind: str, n: int, rank: int | None = None):
     who = "the model" if module == ROOT_NAME else module
-    what = PHASE_WHAT.get(phase, "a non-finite loss or gradient appeared").format(module=who, kind=kind.upper())
+    what = PHASE_WHAT.get(phase, "A non-finite loss or gradient appeared").format(module=who, kind=kind.upper())
     where = f" on rank {rank}" if rank is not None else ""
     streak = _streak(frames.steps, step)
-    what = what[:1].upper() + what[1:]
     streak_words = "only that step was" if streak == 1 else f"{streak} consecutive steps were"
     message = (f"{what} at step {step}{where}; {streak_words} non-finite"
                + (f", and it happened {n} times" if n > 1 else "") + ".")
