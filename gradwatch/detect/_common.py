@@ -133,6 +133,13 @@ def true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return out
 
 
+def persistent_run(series: pd.Series, threshold: float, persist: int) -> tuple[int, int] | None:
+    """The first run of at least `persist` consecutive values above `threshold` (all of them, in a series
+    shorter than that), as (start, end) positions; None when there is none."""
+    need = min(persist, len(series))
+    return next(((a, b) for a, b in true_runs(series.to_numpy() > threshold) if b - a + 1 >= need), None)
+
+
 # ---- words and numbers -----------------------------------------------------------------------------
 def num(x: float | None, digits: int = 3) -> str:
     """A number for a message: 3 significant digits, scientific notation when very small or large."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Finding, Frames, detector
-from ._common import base_name, layer_before, lr_at, module_types, nice, num, pct, sentence, true_runs
+from ._common import base_name, layer_before, lr_at, module_types, nice, num, pct, persistent_run, sentence
 
 WARN = 0.5
 CRITICAL = 0.9
@@ -26,14 +26,9 @@ def detect(frames: Frames) -> list[Finding]:
     findings = []
     for site in dead.columns:
         series = dead[site].dropna()
-        if series.empty:
-            continue
-        above = series.to_numpy() > WARN
-        need = min(PERSIST, len(series))
-        run = next(((a, b) for a, b in true_runs(above) if b - a + 1 >= need), None)
-        if run is None:
-            continue
-        findings.append(_finding(frames, site, series, run))
+        run = persistent_run(series, WARN, PERSIST) if len(series) else None
+        if run is not None:
+            findings.append(_finding(frames, site, series, run))
     return findings
 
 

@@ -9,7 +9,7 @@ nn.Sigmoid before nn.BCELoss) is left alone: a confident classifier saturates it
 from __future__ import annotations
 
 from . import Finding, Frames, detector
-from ._common import base_name, layer_after, layer_before, lr_at, module_types, nice, num, pct, sentence, true_runs
+from ._common import base_name, layer_after, layer_before, lr_at, module_types, nice, num, pct, persistent_run, sentence
 
 WARN = 0.5
 CRITICAL = 0.9
@@ -25,9 +25,7 @@ def detect(frames: Frames) -> list[Finding]:
         series = sat[site].dropna()
         if series.empty or layer_after(frames, module) is None:
             continue
-        above = series.to_numpy() > WARN
-        need = min(PERSIST, len(series))
-        run = next(((a, b) for a, b in true_runs(above) if b - a + 1 >= need), None)
+        run = persistent_run(series, WARN, PERSIST)
         if run is not None:
             findings.append(_finding(frames, site, series, run))
     return findings
