@@ -55,6 +55,18 @@ def _format_of(output: str | None) -> str:
     return {"htm": "html", "html": "html", "json": "json"}.get(suffix, "md")
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from ._launch import launch_dashboard
+
+    return launch_dashboard(args.runs_dir, port=args.port, host=args.host)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.runs_dir, dashboard=not args.no_dashboard, port=args.port, host=args.host)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradwatch", description="Per-layer training diagnostics for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on", choices=["warning", "critical"], default=None,
                    help="exit with 1 when a finding is at least this severe (default: never)")
     p.set_defaults(func=_report)
+    p = sub.add_parser("dashboard", help="open the live dashboard on the runs under a folder")
+    p.add_argument("runs_dir", nargs="?", default="runs")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.set_defaults(func=_dashboard)
+    p = sub.add_parser("demo", help="train a few small example runs, print their health, open the dashboard")
+    p.add_argument("--runs-dir", default="runs/demo", help="where the demo runs go (default runs/demo)")
+    p.add_argument("--no-dashboard", action="store_true", help="train and report only (for CI)")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=_demo)
     p = sub.add_parser("runs", help="list the runs under a folder")
     p.add_argument("runs_dir", nargs="?", default="runs")
     p.set_defaults(func=_runs)

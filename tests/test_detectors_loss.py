@@ -90,12 +90,12 @@ def test_nan_inf_untraced_nan_after_the_scalers_first_skips():
 def test_nan_inf_calls_the_root_module_the_model():
     (f,) = nan_inf.detect(nan_run(at=60, upto=61, events=events_frame((60, "nan", "input", ROOT_NAME))))
     assert where([f]) == [("nan_inf", ROOT_NAME, 60, "critical")]
-    assert "The input of the model already held NAN" in f.message and ROOT_NAME not in f.message
+    assert "The input of the model already held NaN" in f.message and ROOT_NAME not in f.message
 
 
 def test_nan_inf_message_is_a_sentence():
     (f,) = nan_inf.detect(nan_run(at=60, upto=61, events=events_frame((60, "nan", "loss", ""))))
-    assert f.message.startswith("The loss became NAN") and "only that step was non-finite" in f.message
+    assert f.message.startswith("The loss became NaN") and "only that step was non-finite" in f.message
     (f,) = nan_inf.detect(nan_run(at=60, upto=63, events=events_frame((60, "nan", "loss", ""))))
     assert "3 consecutive steps were non-finite" in f.message
 
@@ -671,4 +671,4 @@ def test_adam_weight_decay_is_silent(spec):
 
 def test_nan_inf_keeps_the_module_name_as_written():
     (f,) = nan_inf.detect(nan_run(at=60, upto=61, events=events_frame((60, "nan", "forward", "encoder.norm"))))
-    assert f.message.startswith("encoder.norm returned NAN from finite inputs")
+    assert f.message.startswith("encoder.norm returned NaN from finite inputs")

@@ -18,6 +18,7 @@ from ..store.schema import ROOT_NAME
 from . import Finding, Frames, detector
 from ._common import clean_steps, healthy_grad_norm, lr_at, nice, nice_factor, num
 
+SPELLING = {"nan": "NaN", "inf": "Inf"}
 PHASE_WHAT = {
     "forward": "{module} returned {kind} from finite inputs in the forward pass",
     "input": "The input of {module} already held {kind}: the batch itself, or code outside any module",
@@ -62,7 +63,8 @@ def _scaler_skip(steps, step: int) -> bool:
 
 def _finding(frames: Frames, step: int, phase: str, module: str, kind: str, n: int, rank: int | None = None):
     who = "the model" if module == ROOT_NAME else module
-    what = PHASE_WHAT.get(phase, "A non-finite loss or gradient appeared").format(module=who, kind=kind.upper())
+    what = PHASE_WHAT.get(phase, "A non-finite loss or gradient appeared")
+    what = what.format(module=who, kind=SPELLING.get(kind, kind))
     where = f" on rank {rank}" if rank is not None else ""
     streak = _streak(frames.steps, step)
     streak_words = "only that step was" if streak == 1 else f"{streak} consecutive steps were"
