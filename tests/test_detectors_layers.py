@@ -364,3 +364,13 @@ def test_no_gradient_boundary_of_min_steps(extra, fires):
 def test_no_gradient_skips_layers_without_a_recorded_metric():
     f = make_frames(metrics={"grad_norm": wide({"fc1": 0.5}, range(50))})
     assert no_gradient.detect(f) == []
+
+
+def test_exploding_catches_a_run_that_blows_up_in_its_first_steps():
+    """An LR far too high: the norm grows 20-1000x a step from step 1 on, with no healthy stretch to learn a
+    baseline from. The median of the (at least MIN_HISTORY) steps before is enough."""
+    g = np.array([0.25, 4.8, 145.0, 265.0, 1.4e5, 8.2e8, 5.2e16] + [np.inf] * 13)
+    loss = np.array([1.4, 4.6, 614.0, 96.0, 4.2e6, 1.5e10, 3e22] + [np.nan] * 13)
+    (f,) = exploding.detect(make_frames(loss, grad_norm=g))
+    assert (f.kind, f.step, f.severity) == ("exploding_gradients", exploding.MIN_HISTORY, "critical")
+    assert "then non-finite" in f.message and "this run's norm before the jump" in f.suggestion

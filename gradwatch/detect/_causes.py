@@ -2,7 +2,8 @@
 
 A ReLU layer that is (nearly) all dead passes no gradient back: the layers before it get exactly zero
 gradient, the first-to-last gradient ratio collapses, and the loss goes flat. Vanishing gradients flatten
-the loss too, and gradients that are never zeroed grow like an explosion. Each symptom below is dropped
+the loss too, gradients that are never zeroed grow like an explosion, and an explosion ends in spikes and
+NaN. Each symptom below is dropped
 when its cause is present, and the cause's message says what it also explains.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ EXPLAINS = {
     "dead_relu": ("no_gradient", "vanishing_gradients", "loss_plateau"),
     "vanishing_gradients": ("loss_plateau",),
     "missing_zero_grad": ("exploding_gradients", "loss_spike"),
+    "exploding_gradients": ("nan_inf", "loss_spike"),
     "softmax_before_loss": ("loss_plateau",),
 }
 
@@ -46,7 +48,10 @@ def fold_symptoms(findings: list[Finding], frames: Frames) -> list[Finding]:
 
 
 def _upstream_ok(cause: Finding, symptom: Finding, frames: Frames) -> bool:
-    """A dead layer explains missing gradients only in the layers registered before it."""
+    """A dead layer explains missing gradients only in the layers registered before it; an explosion
+    explains the NaN and the spikes that come at or after its onset, not earlier ones."""
+    if cause.kind == "exploding_gradients":
+        return symptom.step >= cause.step
     if cause.kind != "dead_relu" or symptom.kind != "no_gradient":
         return True
     order = [n for n, _ in modules(frames)]

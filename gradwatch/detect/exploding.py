@@ -1,7 +1,8 @@
 """Exploding gradients: the gradient norm leaves its own history, or grows with depth.
 
 Temporal rule (the run against itself): the global pre-clip gradient norm is compared with the median of
-the previous WINDOW clean steps (at least WARMUP of them). It explodes at step t when it is above GROWTH x
+the previous WINDOW clean steps (at least MIN_HISTORY of them, so that a run that blows up in its first
+steps is caught too). It explodes at step t when it is above GROWTH x
 that median for PERSIST steps in a row (after a first finite one, a non-finite norm counts as above: a norm
 that goes NaN with no growth before it is a nan_inf finding only), and the loss shows it: the
 loss rose above 1.5x its own median (and by 5% of the first loss at least, for a loss near 0), or went
@@ -24,7 +25,8 @@ from . import Finding, Frames, detector
 from ._common import clean_steps, depth_layers, healthy_grad_norm, layer_size, lr_at, nice, nice_factor, num
 
 WINDOW = 128
-WARMUP = 10
+WARMUP = 10  # recorded steps the depth rule needs
+MIN_HISTORY = 2
 GROWTH = 10.0
 PERSIST = 3
 DEPTH_RATIO = 70.0
@@ -38,15 +40,15 @@ def detect(frames: Frames) -> list[Finding]:
 
 def _temporal(frames: Frames) -> Finding | None:
     s = frames.steps
-    if len(s) < WARMUP + PERSIST or s["grad_norm"].isna().all():
+    if len(s) < MIN_HISTORY + PERSIST or s["grad_norm"].isna().all():
         return None
     g = s["grad_norm"].to_numpy(float)
     usable = ~s["skipped"].fillna(False).to_numpy(bool)
     hist = np.where(usable & np.isfinite(g), g, np.nan)
-    base = _prev_median(hist, WINDOW, WARMUP)
+    base = _prev_median(hist, WINDOW, MIN_HISTORY)
     above = usable & (~np.isfinite(g) | (g > GROWTH * base)) & np.isfinite(base)
     loss = s["loss"].to_numpy(float)
-    loss_base = _prev_median(np.where(np.isfinite(loss), loss, np.nan), WINDOW, WARMUP)
+    loss_base = _prev_median(np.where(np.isfinite(loss), loss, np.nan), WINDOW, MIN_HISTORY)
     first = abs(loss[np.isfinite(loss)][0]) if np.isfinite(loss).any() else 0.0
     loss_bad = ~np.isfinite(loss) | (loss > loss_base + np.maximum(0.5 * np.abs(loss_base), 0.05 * first))
     for i in range(len(g) - PERSIST + 1):
@@ -70,14 +72,17 @@ def _temporal_finding(frames: Frames, i: int, base: float) -> Finding:
     peak = float(finite.max()) if len(finite) else math.inf
     layer = _worst_layer(frames, step)
     lr = lr_at(frames, step)
-    healthy = healthy_grad_norm(frames, before=step) or base
+    p90 = healthy_grad_norm(frames, before=step)
+    healthy = p90 or base
+    source = "the 90th percentile of this run's healthy norms" if p90 else "this run's norm before the jump"
     factor = nice_factor(math.sqrt(peak / base) if math.isfinite(peak) else math.inf)
-    went = "non-finite" if not len(finite) or not np.isfinite(seg).all() else f"{num(peak)}"
-    message = (f"The gradient norm jumped from a typical {num(base)} to {went} at step {step} "
+    went = (f"{num(peak)}" if len(finite) else "non-finite") + (
+        ", then non-finite" if len(finite) and not np.isfinite(seg).all() else "")
+    message = (f"The gradient norm jumped from a typical {num(base)} to {went} from step {step} "
                f"(over {num(GROWTH)}x for {PERSIST}+ steps) and the loss rose with it"
                + (f"; {layer} grew most." if layer else "."))
     suggestion = (f"Clip before the optimizer step: `torch.nn.utils.clip_grad_norm_(model.parameters(), "
-                  f"max_norm={num(nice(healthy))})` (the 90th percentile of this run's healthy norms)")
+                  f"max_norm={num(nice(healthy))})` ({source})")
     if lr:
         suggestion += f", and lower the learning rate from {num(lr)} to {num(nice(lr / factor))}"
     if step < max(50, len(s) // 10) and not _has_warmup(frames, step):
