@@ -153,7 +153,8 @@ def heatmap_chart(heat: pd.DataFrame, metric: str = "grad_norm") -> alt.Chart | 
     base = alt.Chart(df).encode(x=_x("step_lo"),
                                 x2="step_end:Q", y=y, tooltip=tips)
     cells = base.transform_filter("isValid(datum.value) && datum.value > 0").mark_rect().encode(
-        color=alt.Color("value:Q", scale=alt.Scale(type="log", scheme="viridis"), title=what))
+        color=alt.Color("value:Q", scale=alt.Scale(type="log", scheme="viridis"), title=what,
+                        legend=alt.Legend(format=".1e")))
     layers = [cells]
     if df["inf"].any():
         layers.append(base.transform_filter("datum.inf").mark_rect(color=INF_COLOR))
@@ -167,8 +168,11 @@ def layer_lines_chart(long: pd.DataFrame, metric: str) -> alt.Chart:
     title = f"{what[0].upper()}{what[1:]} per layer"
     if _is_empty(long):
         return _empty(title)
-    log = _wants_log(long["mean"])
-    return _by_layer(long, alt.Y("mean:Q", title=what, scale=_y_scale(log)), title)
+    positive = long["mean"][long["mean"] > 0]
+    # Norms span decades (an exploding layer next to healthy ones): a log axis, on which an exact 0 (no
+    # gradient in that bin) has no place, whenever the positive values span more than two decades.
+    log = _wants_log(positive) and len(positive) > 0
+    return _by_layer(long, alt.Y("mean:Q", title=what, scale=_y_scale(log)), title, positive_only=log)
 
 
 def update_ratio_chart(long: pd.DataFrame) -> alt.Chart | alt.LayerChart:

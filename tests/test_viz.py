@@ -134,6 +134,19 @@ def test_layer_lines_chart_colours_layers_in_model_order():
     assert spec(viz.layer_lines_chart(many, "weight_norm"))["encoding"]["color"]["field"] == "order"
 
 
+def test_layer_lines_chart_stays_logarithmic_with_an_exploding_layer_and_a_zero():
+    """One layer at 3e13 beside healthy ones and a bin with no gradient (0): log y, the 0 left out."""
+    s = spec(viz.layer_lines_chart(long({"net.0": [0.0, 1.0, 1.2], "net.10": [1.5, 2.0, 3e13]}), "grad_norm"))
+    assert s["encoding"]["y"]["scale"] == {"type": "log"}
+    data = next(iter(s["datasets"].values()))
+    assert min(row["mean"] for row in data) == 1.0 and len(data) == 5
+
+
+def test_heatmap_legend_reads_as_numbers():
+    colours = list(walk(spec(viz.heatmap_chart(heat())), "color"))
+    assert any(c.get("legend", {}).get("format") == ".1e" for c in colours if isinstance(c, dict))
+
+
 def test_update_ratio_chart_log_scale_healthy_band_and_rule():
     s = spec(viz.update_ratio_chart(long({"fc1": [1e-3, 2e-3], "fc2": [0.0, 1e-5]})))
     marks = [layer["mark"]["type"] for layer in s["layer"]]
