@@ -113,10 +113,14 @@ class Run:
             raise GradwatchError(f"wide: metric must be one of {sorted(METRIC_KIND)}, got metric={metric!r}")
         names = self.series.loc[self.series["kind"] == METRIC_KIND[metric], "name"].tolist()
         rows = self._query("SELECT step, data FROM metric_values WHERE metric = ? ORDER BY step", (metric,))
-        mat = np.full((len(rows), len(names)), np.nan, dtype=np.float32)
-        for i, (_, blob) in enumerate(rows):
-            v = np.frombuffer(blob, dtype="<f4")[: len(names)]
-            mat[i, : len(v)] = v
+        width = len(names)
+        if rows and all(len(blob) == 4 * width for _, blob in rows):  # the usual case: one read, no loop
+            mat = np.frombuffer(b"".join(blob for _, blob in rows), dtype="<f4").reshape(len(rows), width).copy()
+        else:  # sites seen later than the first steps: shorter vectors, padded with "not measured"
+            mat = np.full((len(rows), width), np.nan, dtype=np.float32)
+            for i, (_, blob) in enumerate(rows):
+                v = np.frombuffer(blob, dtype="<f4")[:width]
+                mat[i, : len(v)] = v
         return pd.DataFrame(mat, index=pd.Index([s for s, _ in rows], name="step"), columns=names)
 
     @cached_property
