@@ -374,3 +374,19 @@ def test_exploding_catches_a_run_that_blows_up_in_its_first_steps():
     (f,) = exploding.detect(make_frames(loss, grad_norm=g))
     assert (f.kind, f.step, f.severity) == ("exploding_gradients", exploding.MIN_HISTORY, "critical")
     assert "then non-finite" in f.message and "this run's norm before the jump" in f.suggestion
+
+
+BERT_LIKE = tuple((f"layer.{b}.{name}", "Linear", size) for b in range(2)
+                  for name, size in (("query", 1056), ("key", 1056), ("value", 1056), ("out", 1056),
+                                     ("ffn", 2112), ("ffn_out", 2080))) + (("classifier", "Linear", 66),)
+
+
+def test_vanishing_is_silent_on_a_transformer_whose_attention_query_starts_with_tiny_gradients():
+    """Norms from a real 2-layer Bert at init: query/key get ~3e-5, the rest of each block ~5e-3, the small
+    classifier 0.33. The query alone is 1e-5 of the classifier per parameter; the first third is not."""
+    norms = {"query": 2.8e-5, "key": 3.2e-5, "value": 3.1e-3, "out": 7.3e-3, "ffn": 7.0e-3, "ffn_out": 8.4e-3}
+    columns = {f"layer.{b}.{k}": v for b in range(2) for k, v in norms.items()} | {"classifier": 0.33}
+    assert vanishing.detect(grads(60, model=BERT_LIKE, **columns)) == []
+    starved = {name: (v * 1e-4 if name != "classifier" else v) for name, v in columns.items()}
+    (f,) = vanishing.detect(grads(60, model=BERT_LIKE, **starved))  # every block starved: vanishing
+    assert (f.kind, f.layer) == ("vanishing_gradients", "layer.0.query")

@@ -12,8 +12,9 @@ The layer named is the one whose norm grew most relative to its own median.
 
 Depth rule (AutoTrainer, Zhang et al. 2021): the ratio of the first to the last weight layer's gradient
 above 70 means the backward pass amplifies the signal layer after layer. We compare RMS values (norm /
-sqrt(parameter count)) so that a wide first layer does not look larger just for being wide, over the
-median of the recorded steps, and ask for it on at least 80% of them.
+sqrt(parameter count)) so that a wide first layer does not look larger just for being wide, take the
+largest among the first and the last third of the layers (see `depth_ratio`), and ask for it on at least
+80% of the recorded steps.
 """
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def _depth(frames: Frames) -> Finding | None:
 
 
 def depth_ratio(frames: Frames):
-    """Per step: RMS gradient of the first weight layer / that of the last; with the two layer names."""
+    """Per step: the largest RMS gradient in the first third of the weight layers over the largest in the
+    last third; with the first and the last layer's names."""
     w = frames.metric("grad_norm")
     names = [n for n in depth_layers(frames) if n in w.columns]
     if w.empty or len(names) < 3:
@@ -140,9 +142,12 @@ def depth_ratio(frames: Frames):
     names = [n for n in names if present[n]]
     if len(names) < 3:
         return None, None, None
-    first, last = names[0], names[-1]
-    rms_first = w[first] / math.sqrt(max(sizes.get(first, 1), 1))
-    rms_last = w[last] / math.sqrt(max(sizes.get(last, 1), 1))
+    rms = w[names] / np.sqrt([max(sizes.get(n, 1), 1) for n in names])
+    third = math.ceil(len(names) / 3)
+    # The largest RMS among the first and the last third of the layers, not the single first and last: in
+    # a transformer the first layer is an attention query whose gradient is tiny at init by design, while
+    # the rest of its block learns normally. In a plain stack of 3 this is the first and the last layer.
+    rms_first, rms_last = rms[names[:third]].max(axis=1), rms[names[-third:]].max(axis=1)
     ratio = rms_first / rms_last
     keep = ratio.index.isin(clean_steps(frames)["step"]) & np.isfinite(ratio.to_numpy()) & (rms_last > 0).to_numpy()
-    return ratio[keep], first, last
+    return ratio[keep], names[0], names[-1]

@@ -3,9 +3,10 @@
 Rule (AutoTrainer, Zhang et al. 2021): vanishing when the first weight layer's gradient is below 1e-3 of
 the last one's AND the first layer's gradient norm is below 1e-4. We compare RMS values (norm /
 sqrt(parameter count)) so that width does not pass for depth, skip embeddings and norm layers (sparse or
-tiny by design), and ask for both conditions on at least 80% of the clean recorded steps, at least
-MIN_STEPS of them. Critical below 1e-6. The layer named is the first one; the evidence lists every layer
-whose RMS is below 1e-3 of the last's.
+tiny by design), take the largest over the first and the last third of the layers (an attention query
+alone gets a tiny gradient at init in a healthy transformer), and ask for both conditions on at least 80%
+of the clean recorded steps, at least MIN_STEPS of them. Critical below 1e-6. The layer named is the first
+one; the evidence lists every layer whose RMS is below 1e-3 of the last's.
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def detect(frames: Frames) -> list[Finding]:
     ratio, first, last = depth_ratio(frames)
     if ratio is None or len(ratio) < MIN_STEPS:
         return []
-    norm_first = frames.metric("grad_norm")[first].reindex(ratio.index)
+    w = frames.metric("grad_norm")
+    early = depth_layers(frames)[: math.ceil(len(depth_layers(frames)) / 3)]
+    norm_first = w[[n for n in early if n in w.columns]].max(axis=1).reindex(ratio.index)
     # An exactly zero gradient is no gradient at all (no_gradient), not a vanishing one.
     low = (ratio > 0) & (ratio < RATIO) & (norm_first < ABSOLUTE)
     if low.mean() < SHARE:
