@@ -19,7 +19,7 @@ import pandas as pd
 from ._bins import Columns, Grow, Rollup, edges, grid
 from .detect import SEVERITY_RANK
 from .errors import GradwatchError
-from .store.reader import _connect, _live_status
+from .store.reader import _connect, _live_status, decode_vectors
 from .store.schema import (
     DB_NAME,
     EVAL_FORWARD,
@@ -177,14 +177,7 @@ class RunView:
             return False
         held.steps.append(np.fromiter((r[0] for r in rows), np.int64, len(rows)))
         blobs = [r[1] for r in rows]
-        widths = {len(b) for b in blobs}
-        if len(widths) == 1:  # the usual case: one copy of the whole batch
-            mat = np.frombuffer(b"".join(blobs), "<f4").reshape(len(rows), -1)
-        else:  # the run found new activation sites on the way: older rows are shorter
-            mat = np.full((len(rows), max(widths) // 4), np.nan, np.float32)
-            for i, b in enumerate(blobs):
-                mat[i, : len(b) // 4] = np.frombuffer(b, "<f4")
-        held.values.append(mat.astype(np.float32, copy=False))
+        held.values.append(decode_vectors(blobs, max(len(b) for b in blobs) // 4))
         return True
 
     def _metric(self, metric: str) -> _Metric:

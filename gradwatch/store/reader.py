@@ -113,14 +113,7 @@ class Run:
             raise GradwatchError(f"wide: metric must be one of {sorted(METRIC_KIND)}, got metric={metric!r}")
         names = self.series.loc[self.series["kind"] == METRIC_KIND[metric], "name"].tolist()
         rows = self._query("SELECT step, data FROM metric_values WHERE metric = ? ORDER BY step", (metric,))
-        width = len(names)
-        if rows and all(len(blob) == 4 * width for _, blob in rows):  # the usual case: one read, no loop
-            mat = np.frombuffer(b"".join(blob for _, blob in rows), dtype="<f4").reshape(len(rows), width).copy()
-        else:  # sites seen later than the first steps: shorter vectors, padded with "not measured"
-            mat = np.full((len(rows), width), np.nan, dtype=np.float32)
-            for i, (_, blob) in enumerate(rows):
-                v = np.frombuffer(blob, dtype="<f4")[:width]
-                mat[i, : len(v)] = v
+        mat = decode_vectors([blob for _, blob in rows], len(names))
         return pd.DataFrame(mat, index=pd.Index([s for s, _ in rows], name="step"), columns=names)
 
     @cached_property
@@ -175,6 +168,21 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r}, steps={len(self.steps)})"
+
+
+def decode_vectors(blobs: list[bytes], width: int) -> np.ndarray:
+    """`metric_values.data` blobs as a (rows, width) float32 matrix.
+
+    Rows whose vector is shorter (activation sites first seen later in the run) are padded with NaN, "not
+    measured"; the usual case, every row full width, is one copy with no Python loop.
+    """
+    if blobs and all(len(b) == 4 * width for b in blobs):
+        return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), width).astype(np.float32)
+    mat = np.full((len(blobs), width), np.nan, dtype=np.float32)
+    for i, b in enumerate(blobs):
+        v = np.frombuffer(b, dtype="<f4")[:width]
+        mat[i, : len(v)] = v
+    return mat
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
