@@ -34,6 +34,17 @@ class Site:
     unit_max: torch.Tensor | None = None  # running max per unit over the dead-unit window
     pos: torch.Tensor | None = None  # positives (relu) or saturated count (tanh/sigmoid) in this step
     numel: int = 0
+    calls: int = 0  # dead-unit reads so far: turns which samples of a big batch are read
+
+
+@dataclass
+class GradPlan:
+    """How the squared norms of the parameters that have a .grad become per-layer norms and the total."""
+
+    pair_param: torch.Tensor  # index into the present params, one entry per (param, layer) pair
+    pair_layer: torch.Tensor
+    gather: bool  # pair i is not simply present param i (tied weights, or a layer without grads)
+    absent: torch.Tensor | None  # bool per layer: none of its parameters has a .grad this step
 
 
 @dataclass
@@ -68,11 +79,12 @@ class Recorder:
         self.n_layers = len(mm.layers)
         self._pair_param = torch.tensor(mm.param_of_pair, dtype=torch.long, device=device)
         self._pair_layer = torch.tensor(mm.layer_of_pair, dtype=torch.long, device=device)
+        self._plans: dict[tuple[int, ...], GradPlan] = {}
+        self._full_plan = self._plan(tuple(range(len(mm.params))))
         self.recording = True
         self.detail = True  # a detail step: also grad max-abs and activation fractions (set by the Watcher)
         self.sites: list[Site] = []
         self._site_of: dict[tuple[int, int], Site] = {}
-        self._subsets: dict[tuple[int, ...], tuple] = {}
         # No tied weights: pair i is param i, so per-parameter values need no gather.
         self._pairs_are_params = mm.param_of_pair == list(range(len(mm.params)))
         self.new_sites: list[Site] = []  # sites seen for the first time, not yet sent to the store
@@ -117,44 +129,49 @@ class Recorder:
 
     def _measure_grads(self) -> None:
         grads = [p.grad for p in self.mm.params]
+        plan = self._full_plan
         if any(g is None for g in grads):
             present = tuple(i for i, g in enumerate(grads) if g is not None)
             if not present:
                 return
             grads = [grads[i] for i in present]
-            pair_param, pair_layer, absent = self._subset(present)
-        else:
-            pair_param, pair_layer, absent = self._pair_param, self._pair_layer, None
+            plan = self._plan(present)
         sq = stats.sq_norms(grads)
-        gather = pair_param is not None and not (absent is None and self._pairs_are_params)
-        layer_norm = stats.per_layer(sq[pair_param] if gather else sq, pair_layer, self.n_layers, "sum").sqrt_()
+        layer_norm = stats.per_layer(sq[plan.pair_param] if plan.gather else sq, plan.pair_layer,
+                                     self.n_layers, "sum").sqrt_()
         total = sq.sum().sqrt()
         layer_max = None
         if self.cfg.grad_maxabs and self.detail:
             mx = stats.maxabs(grads)
-            layer_max = stats.per_layer(mx[pair_param] if gather else mx, pair_layer, self.n_layers, "amax")
+            layer_max = stats.per_layer(mx[plan.pair_param] if plan.gather else mx, plan.pair_layer,
+                                        self.n_layers, "amax")
         scale = self._scale()
         if scale is not None:  # grads are scaled by the GradScaler until it unscales them
             inv = scale.double().reciprocal()
             layer_norm = layer_norm * inv
             total = total * inv
             layer_max = layer_max * inv if layer_max is not None else None
-        if absent is not None:
-            layer_norm = layer_norm.masked_fill(absent, ABSENT)
-            layer_max = layer_max.masked_fill(absent, ABSENT) if layer_max is not None else None
+        if plan.absent is not None:
+            layer_norm = layer_norm.masked_fill(plan.absent, ABSENT)
+            layer_max = layer_max.masked_fill(plan.absent, ABSENT) if layer_max is not None else None
         self._grad = (layer_norm, layer_max, total, scale)
 
-    def _subset(self, present: tuple[int, ...]):
-        """Index tensors for a step where only `present` params have grads; built once per pattern."""
-        hit = self._subsets.get(present)
-        if hit is None:
-            where = {p: i for i, p in enumerate(present)}
-            pairs = [(where[p], ly) for p, ly in zip(self.mm.param_of_pair, self.mm.layer_of_pair) if p in where]
-            absent = [ly not in {ly for _, ly in pairs} for ly in range(self.n_layers)]
-            hit = (torch.tensor([p for p, _ in pairs], dtype=torch.long, device=self.device),
-                   torch.tensor([ly for _, ly in pairs], dtype=torch.long, device=self.device),
-                   torch.tensor(absent, dtype=torch.bool, device=self.device))
-            self._subsets[present] = hit
+    def _plan(self, present: tuple[int, ...]) -> GradPlan:
+        """How to turn the squared norms of the `present` params into per-layer ones; one per pattern."""
+        hit = self._plans.get(present)
+        if hit is not None:
+            return hit
+        where = {p: i for i, p in enumerate(present)}
+        pairs = [(where[p], ly) for p, ly in zip(self.mm.param_of_pair, self.mm.layer_of_pair) if p in where]
+        covered = {ly for _, ly in pairs}
+        dev = self.device
+        hit = GradPlan(
+            pair_param=torch.tensor([p for p, _ in pairs], dtype=torch.long, device=dev),
+            pair_layer=torch.tensor([ly for _, ly in pairs], dtype=torch.long, device=dev),
+            gather=[p for p, _ in pairs] != list(range(len(present))),
+            absent=None if len(covered) == self.n_layers else torch.tensor(
+                [ly not in covered for ly in range(self.n_layers)], dtype=torch.bool, device=dev))
+        self._plans[present] = hit
         return hit
 
     def _scale(self) -> torch.Tensor | None:
@@ -197,7 +214,9 @@ class Recorder:
         if site.kind == "relu":
             if out.ndim == 0 or out.numel() == 0:
                 return
-            m = stats.unit_max(out, stats.unit_dim(out.shape, site.channels_first))
+            dim = stats.unit_dim(out.shape, site.channels_first)
+            m = stats.unit_max(stats.unit_rows(out, dim, site.calls), dim)
+            site.calls += 1
             if site.unit_max is None or site.unit_max.shape != m.shape:
                 site.unit_max = m  # a new unit count starts a new window for this site
             else:
@@ -324,10 +343,9 @@ class Recorder:
         parts: list[torch.Tensor] = []
 
         def put(name: str, t: torch.Tensor) -> None:
+            # Mixed dtypes are fine: cat promotes them, and the row becomes float32 in one op at the end.
             if t.dim() != 1:
                 t = t.reshape(-1)
-            if t.dtype != torch.float32:
-                t = t.float()
             layout.append((name, t.numel()))
             parts.append(t if t.device == self.device else t.to(self.device, non_blocking=True))
 
@@ -374,8 +392,11 @@ class Recorder:
                 lrs.append(None)
             else:
                 lrs.append(float("nan") if lr is None else float(lr))
-        row = StepRow(step, time.time(), host_loss, lrs, None, layout,
-                      torch.cat(parts) if parts else None, row_sites, self._trace, self.eval_forward)
+        flat = torch.cat(parts) if parts else None  # a copy: the row aliases nothing that changes later
+        if flat is not None and flat.dtype != torch.float32:
+            flat = flat.float()
+        row = StepRow(step, time.time(), host_loss, lrs, None, layout, flat, row_sites, self._trace,
+                      self.eval_forward)
         self._reset_step()
         return row
 

@@ -20,6 +20,7 @@ TANH_SATURATION = 2.5
 # cost does not grow with the batch: a binomial standard error of at most 0.4 percentage point.
 FRACTION_SAMPLE = 1 << 14
 MIN_ROWS = 16  # a row sample spans at least this many samples of the batch, else elements are strided
+UNIT_SAMPLE = 1 << 16  # a dead-unit check reads about this many elements of a big activation (see unit_rows)
 
 _INF = float("inf")
 
@@ -84,8 +85,23 @@ def unit_dim(shape: torch.Size, channels_first: bool) -> int:
     return len(shape) - 1
 
 
+def unit_rows(out: torch.Tensor, dim: int, turn: int) -> torch.Tensor:
+    """The part of an activation that a dead-unit check reads: every k-th sample of the batch.
+
+    k keeps a read near UNIT_SAMPLE elements, but never below MIN_ROWS samples, and the first sample turns
+    with `turn` (the call count), so that over a window every sample position of the batch is read.
+    Dense outputs up to UNIT_SAMPLE elements (an MLP's) are read whole; a conv map has thousands of
+    positions per sample, so a quarter of the batch still gives each channel ample chances to fire.
+    """
+    n = out.numel()
+    if n <= UNIT_SAMPLE or out.ndim < 2 or dim == 0:
+        return out
+    k = min(-(-n // UNIT_SAMPLE), out.shape[0] // MIN_ROWS)
+    return out if k <= 1 else out[turn % k:: k]
+
+
 def unit_max(out: torch.Tensor, dim: int) -> torch.Tensor:
-    """Largest value of each unit over every sample and position: a unit is alive iff this is > 0."""
+    """Largest value of each unit over every sample and position given: a unit is alive iff this is > 0."""
     dims = [d for d in range(out.ndim) if d != dim]
     m = out.amax(dim=dims) if dims else out.clone()  # a clone: the caller accumulates into it in place
     return m if m.dtype == torch.float32 else m.float()

@@ -375,3 +375,31 @@ def test_large_activations_are_sampled_within_tolerance(tmp_path):
     assert run.wide("saturation_fraction")["3"].tolist() == pytest.approx(exact["sat"], abs=0.02)
     assert 0.05 < exact["sat"][0] < 0.95  # the tolerance is not trivially met
     assert run.wide("dead_fraction")["1"].dropna().tolist() == [4 / 32]
+
+
+class _Planted(nn.Module):
+    """Outputs a fixed tensor (plus 0 x a parameter, so that there is a layer and a backward)."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.x = x
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, _):
+        return self.x + self.w
+
+
+@pytest.mark.parametrize("window,expected", [(1, [7 / 8, 7 / 8]), (2, [6 / 8])])
+def test_big_maps_read_every_kth_sample_and_turn_through_the_batch(window, expected, tmp_path):
+    """64 x 8 x 16 x 16 is twice stats.UNIT_SAMPLE: dead units read every 2nd sample, even samples on
+    one step and odd ones on the next. A channel positive in one sample of the batch is missed on the
+    step that skips it, and is alive once a window has read both halves, as in the full-batch count."""
+    x = -torch.rand(64, 8, 16, 16) - 0.1
+    x[1, 2, 5, 5] = 1.0  # channel 2 fires in sample 1 only
+    x[0, 5, 0, 0] = 1.0  # channel 5 in sample 0 only
+    assert x.numel() == 2 * gradwatch.stats.UNIT_SAMPLE
+    model = nn.Sequential(_Planted(x), nn.ReLU())
+    run = _train(model, tmp_path, 2, lambda step: model(None).sum(), dead_window=window)
+    assert run.wide("dead_fraction")["1"].dropna().tolist() == pytest.approx(expected, abs=ATOL)
+    full_batch = 1 - float((x > 0).any(dim=(0, 2, 3)).double().mean())
+    assert full_batch == 6 / 8
