@@ -108,7 +108,12 @@ class Chunk:
         flags |= EVAL_FORWARD * np.array([r.eval_forward for r in run])
         if "grad_carry" in cols:
             flags |= GRAD_CARRIED * (cols["grad_carry"][:, 0] > 0)
-        total = cols["grad_total"][:, 0].astype(np.float64) if "grad_total" in cols else None
+        total = None
+        if "grad_total" in cols:  # tied weights: measured on the device, each parameter counted once
+            total = cols["grad_total"][:, 0].astype(np.float64)
+        elif "grad_norm" in cols:
+            sq = np.square(cols["grad_norm"].astype(np.float64))
+            total = np.sqrt(np.where(cols["grad_norm"] == ABSENT, 0.0, sq).sum(axis=1))
         scale = cols["loss_scale"][:, 0] if "loss_scale" in cols else None
         for i, r in enumerate(run):
             lrs = [float(cols[f"lr@{g}"][i, 0]) if lr is None else lr for g, lr in enumerate(r.lrs)]

@@ -87,6 +87,7 @@ class Recorder:
         self._site_of: dict[tuple[int, int], Site] = {}
         # No tied weights: pair i is param i, so per-parameter values need no gather.
         self._pairs_are_params = mm.param_of_pair == list(range(len(mm.params)))
+        self._tied = len(set(mm.param_of_pair)) < len(mm.param_of_pair)  # a parameter owned by two layers
         self.new_sites: list[Site] = []  # sites seen for the first time, not yet sent to the store
         self.first_error: Exception | None = None  # reported once by the Watcher as a GradwatchWarning
         self._reset_step()
@@ -139,7 +140,8 @@ class Recorder:
         sq = stats.sq_norms(grads)
         layer_norm = stats.per_layer(sq[plan.pair_param] if plan.gather else sq, plan.pair_layer,
                                      self.n_layers, "sum").sqrt_()
-        total = sq.sum().sqrt()
+        # Without tied weights the total is the root of the layers' squares, taken on the host at flush.
+        total = sq.sum().sqrt() if self._tied else None
         layer_max = None
         if self.cfg.grad_maxabs and self.detail:
             mx = stats.maxabs(grads)
@@ -149,7 +151,7 @@ class Recorder:
         if scale is not None:  # grads are scaled by the GradScaler until it unscales them
             inv = scale.double().reciprocal()
             layer_norm = layer_norm * inv
-            total = total * inv
+            total = total * inv if total is not None else None
             layer_max = layer_max * inv if layer_max is not None else None
         if plan.absent is not None:
             layer_norm = layer_norm.masked_fill(plan.absent, ABSENT)
@@ -357,7 +359,8 @@ class Recorder:
         if self._grad is not None:
             layer_norm, layer_max, total, scale = self._grad
             put("grad_norm", layer_norm)
-            put("grad_total", total)
+            if total is not None:
+                put("grad_total", total)
             if layer_max is not None:
                 put("grad_maxabs", layer_max)
             if scale is not None:
