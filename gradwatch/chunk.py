@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import _dist
 from .recorder import ABSENT, StepRow
 from .store.schema import EVAL_FORWARD, FORWARD_NONFINITE, GRAD_CARRIED, GRAD_NONFINITE, LOSS_NONFINITE, ROOT_NAME
 from .store.writer import Rows
@@ -32,12 +33,16 @@ class RunLayout:
 
 
 class Chunk:
-    def __init__(self, rows: list[StepRow], layout: RunLayout):
+    def __init__(self, rows: list[StepRow], layout: RunLayout, world: torch.Tensor | None = None,
+                 ranks: list[int] | None = None, sharded: bool = False):
+        """`world`: in a distributed run, the ranks' flushed rows ([ranks, n], see `_dist.gather`), named
+        by `ranks`, merged here; `rows` are rank 0's, whose layout every rank shares."""
         self.steps, self.layout = rows, layout
         self.n_sites = layout.n_sites
-        flats = [r.flat for r in rows if r.flat is not None]
+        self._ranks, self._sharded = np.array(ranks or [0]), sharded
+        flats = [world] if world is not None else [r.flat for r in rows if r.flat is not None]
         self._copied = None  # CUDA event recorded after the async copy
-        if not flats:
+        if not flats or flats[0].numel() == 0:
             self._host = None
         elif flats[0].is_cuda:
             flat = torch.cat(flats)
@@ -56,22 +61,30 @@ class Chunk:
             while not self._copied.query():
                 time.sleep(0.0005)
         host = self._host.numpy() if self._host is not None else np.zeros(0, np.float32)
+        host = host.reshape(len(self._ranks), -1)  # one line per rank; a single one outside distributed runs
         out, pos = Rows(), 0
         # Consecutive steps nearly always share a layout: each run of them is one [steps x width] block,
         # and every field is a column slice of it, so the work here does not grow per step in Python.
         for layout, run in itertools.groupby(self.steps, key=lambda r: tuple(r.layout)):
             run = list(run)
             width = sum(n for _, n in layout)
-            block = host[pos: pos + width * len(run)].reshape(len(run), width)
-            pos += block.size
+            block = host[:, pos: pos + width * len(run)].reshape(len(self._ranks), len(run), width)
+            pos += width * len(run)
+            ranks = None
+            if len(self._ranks) > 1 or self._sharded:
+                merged, layout, ranks = _dist.merge(block, list(layout), self._sharded, self._ranks)
+            else:
+                merged = block[0]
             cols, c = {}, 0
             for name, n in layout:
-                cols[name] = block[:, c: c + n]
+                cols[name] = merged[:, c: c + n]
                 c += n
-            self._run_rows(run, cols, out)
+                if name.startswith("unit_max@"):  # a unit is dead if it never fired in the window
+                    cols[name.replace("unit_max@", "dead_fraction@")] = (cols[name] <= 0).mean(axis=1, keepdims=True)
+            self._run_rows(run, cols, out, ranks)
         return out
 
-    def _run_rows(self, run: list[StepRow], cols: dict[str, np.ndarray], out: Rows) -> None:
+    def _run_rows(self, run: list[StepRow], cols: dict[str, np.ndarray], out: Rows, ranks) -> None:
         steps = [r.step for r in run]
         n_layers = len(self.layout.layer_names)
         if "loss" in cols:
@@ -128,7 +141,8 @@ class Chunk:
                 self.layout.last_event = None
                 continue
             event = self._nonfinite_event(r, li if has_loss[i] else None, _probe_kinds(minmax[i]), layer_bad[i],
-                                          None if grad_probe is None else grad_probe[i])
+                                          None if grad_probe is None else grad_probe[i],
+                                          self.layout.rank if ranks is None else int(ranks[i]))
             # A streak of non-finite steps is reported once, at its onset: after it, NaN weights make
             # every later step "produce" NaN again, which names a victim rather than the cause.
             if event and self.layout.last_event is None:
@@ -154,7 +168,7 @@ class Chunk:
         out.values.extend((metric, step, data[i].tobytes()) for i, step in enumerate(steps))
 
     def _nonfinite_event(self, row: StepRow, loss: float | None, probes: np.ndarray, layer_bad: np.ndarray,
-                         grad_probe: np.ndarray | None) -> tuple | None:
+                         grad_probe: np.ndarray | None, rank: int | None) -> tuple | None:
         """The producer: the first module, in execution order, whose inputs are finite and output is not.
 
         `probes` holds 0.0 (finite), NaN or Inf per probe.
@@ -164,19 +178,19 @@ class Chunk:
         for m, ins, out_probe in row.trace:
             if out_probe >= 0 and bad[out_probe] and not any(i >= 0 and bad[i] for i in ins):
                 name, kind = traced[m]
-                return self._event(row, _nan_or_inf(probes[out_probe]), "forward", name,
+                return self._event(row, rank, _nan_or_inf(probes[out_probe]), "forward", name,
                                    f"{name} ({kind}) returned {_nan_or_inf(probes[out_probe])} from finite "
                                    f"inputs in the forward pass of step {row.step}")
         for m, ins, _ in row.trace:
             if any(i >= 0 and bad[i] for i in ins):
                 name = traced[m][0]
                 whose = "the model's input (the batch itself)" if name == ROOT_NAME else f"the input of {name}"
-                return self._event(row, _nan_or_inf(probes[[i for i in ins if i >= 0 and bad[i]][0]]),
+                return self._event(row, rank, _nan_or_inf(probes[[i for i in ins if i >= 0 and bad[i]][0]]),
                                    "input", name,
                                    f"{whose} already held NaN/Inf at step {row.step} and no watched module "
                                    "produced it: the data, or code outside any module")
         if loss is not None and not math.isfinite(loss):
-            return self._event(row, _nan_or_inf(loss), "loss", "",
+            return self._event(row, rank, _nan_or_inf(loss), "loss", "",
                                f"the loss is {loss} at step {row.step} while every module output was finite: "
                                "the loss computation produced it (log(0), division by zero, bad targets)")
         if layer_bad.any():
@@ -184,7 +198,7 @@ class Chunk:
             bad_layers = [i for i in np.flatnonzero(layer_bad)]
             last = max(bad_layers, key=lambda i: order.get(i, -1) if order else i)
             name = self.layout.layer_names[last]
-            return self._event(row, _nan_or_inf(grad_probe[last]), "backward", name,
+            return self._event(row, rank, _nan_or_inf(grad_probe[last]), "backward", name,
                                f"the gradient of {name}'s parameters holds NaN/Inf at step {row.step} while the "
                                "forward pass and the loss were finite: its backward produced it")
         return None
@@ -198,8 +212,11 @@ class Chunk:
                 order[layer] = pos
         return order
 
-    def _event(self, row: StepRow, kind: str, phase: str, module: str, detail: str) -> tuple:
-        return (row.step, kind, phase, module, self.layout.rank, None, detail)
+    @staticmethod
+    def _event(row: StepRow, rank: int | None, kind: str, phase: str, module: str, detail: str) -> tuple:
+        if rank is not None:
+            detail += f" (rank {rank})"
+        return (row.step, kind, phase, module, rank, None, detail)
 
 
 def _probe_kinds(minmax: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import stats
+from . import _dist, stats
 from ._model import ModelMap, is_nonnegative
 
 MAX_SITES_PER_MODULE = 4  # calls of one activation module per forward kept apart; later ones share the last
@@ -41,6 +41,7 @@ class Site:
 class GradPlan:
     """How the squared norms of the parameters that have a .grad become per-layer norms and the total."""
 
+    present: tuple[int, ...] | None  # the params that have a .grad; None: all of them
     pair_param: torch.Tensor  # index into the present params, one entry per (param, layer) pair
     pair_layer: torch.Tensor
     gather: bool  # pair i is not simply present param i (tied weights, or a layer without grads)
@@ -55,6 +56,7 @@ class RatioSpec:
     pair_param: torch.Tensor  # index into params, one entry per (param, layer) pair
     pair_layer: torch.Tensor
     absent: torch.Tensor  # bool per layer: not measured by this spec
+    shard_weight: torch.Tensor | None = None  # sharded params: see Recorder._weighted
 
 
 @dataclass
@@ -74,8 +76,14 @@ class StepRow:
 
 
 class Recorder:
-    def __init__(self, mm: ModelMap, config, device: torch.device, scaler=None):
+    def __init__(self, mm: ModelMap, config, device: torch.device, scaler=None, world: int = 1):
         self.mm, self.cfg, self.device, self.scaler = mm, config, device, scaler
+        # FSDP/DTensor: each rank measures its own shards; squares carry 1/(ranks holding each element), so
+        # that summing them over the ranks at flush gives the full tensor's (see _dist.shard_weights).
+        weights = _dist.shard_weights(mm.params, world)
+        self.sharded = weights is not None
+        self._shard_weight = None if weights is None else torch.tensor(weights, dtype=torch.float64,
+                                                                        device=device)
         self.n_layers = len(mm.layers)
         self._pair_param = torch.tensor(mm.param_of_pair, dtype=torch.long, device=device)
         self._pair_layer = torch.tensor(mm.layer_of_pair, dtype=torch.long, device=device)
@@ -137,11 +145,15 @@ class Recorder:
                 return
             grads = [grads[i] for i in present]
             plan = self._plan(present)
-        sq = stats.sq_norms(grads)
+        if self.sharded:
+            grads = [_dist.local(g) for g in grads]
+        sq = self._weighted(stats.sq_norms(grads), plan.present)
         layer_norm = stats.per_layer(sq[plan.pair_param] if plan.gather else sq, plan.pair_layer,
                                      self.n_layers, "sum").sqrt_()
         # Without tied weights the total is the root of the layers' squares, taken on the host at flush.
         total = sq.sum().sqrt() if self._tied else None
+        if self.sharded:  # the host sums the ranks' squares: this rank's part of each norm
+            total = sq.sum().sqrt()
         layer_max = None
         if self.cfg.grad_maxabs and self.detail:
             mx = stats.maxabs(grads)
@@ -158,6 +170,12 @@ class Recorder:
             layer_max = layer_max.masked_fill(plan.absent, ABSENT) if layer_max is not None else None
         self._grad = (layer_norm, layer_max, total, scale)
 
+    def _weighted(self, sq: torch.Tensor, present: tuple[int, ...] | None) -> torch.Tensor:
+        """Squared norms of local shards, scaled so that the sum over ranks is the full tensor's."""
+        if self._shard_weight is None:
+            return sq
+        return sq * (self._shard_weight if present is None else self._shard_weight[list(present)])
+
     def _plan(self, present: tuple[int, ...]) -> GradPlan:
         """How to turn the squared norms of the `present` params into per-layer ones; one per pattern."""
         hit = self._plans.get(present)
@@ -168,6 +186,7 @@ class Recorder:
         covered = {ly for _, ly in pairs}
         dev = self.device
         hit = GradPlan(
+            present=None if present == tuple(range(len(self.mm.params))) else present,
             pair_param=torch.tensor([p for p, _ in pairs], dtype=torch.long, device=dev),
             pair_layer=torch.tensor([ly for _, ly in pairs], dtype=torch.long, device=dev),
             gather=[p for p, _ in pairs] != list(range(len(present))),
@@ -316,7 +335,7 @@ class Recorder:
         """Copy the weights before an update. The copy lives until `measure_update`, during
         optimizer.step() when there is an optimizer; `update_memory_mb` caps its size."""
         with torch.no_grad():
-            self._snap[key] = [p.clone() for p in spec.params]
+            self._snap[key] = [_dist.local(p).clone() for p in spec.params]
 
     def measure_update(self, key: int, spec: RatioSpec) -> None:
         before = self._snap.pop(key, None)
@@ -326,10 +345,19 @@ class Recorder:
             self._measure_update(spec, before)
 
     def _measure_update(self, spec: RatioSpec, before: list[torch.Tensor]) -> None:
-        delta_sq = stats.sq_norms(torch._foreach_sub(spec.params, before))
+        after = [_dist.local(p) for p in spec.params]
+        delta_sq = stats.sq_norms(torch._foreach_sub(after, before))
         w_sq = stats.sq_norms(before)
+        if self.sharded:
+            delta_sq, w_sq = delta_sq * spec.shard_weight, w_sq * spec.shard_weight
         d = stats.per_layer(delta_sq[spec.pair_param], spec.pair_layer, self.n_layers, "sum")
         w = stats.per_layer(w_sq[spec.pair_param], spec.pair_layer, self.n_layers, "sum")
+        if self.sharded:  # the host sums both parts over the ranks, then divides
+            nan = float("nan")
+            d, w = d.sqrt().masked_fill(spec.absent, nan), w.sqrt().masked_fill(spec.absent, nan)
+            self._update_parts = (d, w) if self._update_parts is None else \
+                (torch.fmax(self._update_parts[0], d), torch.fmax(self._update_parts[1], w))
+            return
         ratio = (d / w).sqrt().masked_fill(spec.absent, float("nan"))
         # Two optimizers cover different layers; fmin keeps each one's numbers and ignores the NaNs.
         self._ratio = ratio if self._ratio is None else torch.fmin(self._ratio, ratio)
@@ -366,11 +394,15 @@ class Recorder:
             if scale is not None:
                 put("loss_scale", scale)
         if weight_norm and self.mm.params:
-            w_sq = stats.sq_norms(self.mm.params)
+            params = [_dist.local(p) for p in self.mm.params] if self.sharded else self.mm.params
+            w_sq = self._weighted(stats.sq_norms(params), None)
             w_sq = w_sq if self._pairs_are_params else w_sq[self._pair_param]
             put("weight_norm", stats.per_layer(w_sq, self._pair_layer, self.n_layers, "sum").sqrt_())
         if self._ratio is not None:
             put("update_ratio", self._ratio)
+        if self._update_parts is not None:
+            put("update_delta", self._update_parts[0])
+            put("update_weight", self._update_parts[1])
         row_sites: dict[str, list[tuple[int, int]]] = {}
         for site in (self.sites[i] for i in sorted(self._active_sites)):
             if site.pos is not None and site.numel:
@@ -380,8 +412,8 @@ class Recorder:
             site.pos, site.numel = None, 0
         if window_end:
             for site in self.sites:
-                if site.unit_max is not None:
-                    put(f"dead_fraction@{site.index}", (site.unit_max <= 0).float().mean())
+                if site.unit_max is not None:  # the host takes the fraction, after the max over ranks
+                    put(f"unit_max@{site.index}", site.unit_max)
                     row_sites.setdefault("dead_fraction", []).append((site.index, site.unit_max.numel()))
                     site.unit_max = None
         if self._carry is not None:
@@ -418,6 +450,7 @@ class Recorder:
         self._trace: list[tuple[int, tuple[int, ...], int]] = []
         self._snap: dict[int, list[torch.Tensor]] = {}
         self._ratio: torch.Tensor | None = None
+        self._update_parts: tuple[torch.Tensor, torch.Tensor] | None = None  # sharded: this rank's ||dw||, ||w||
         self.stepped = False
         self.eval_forward = False  # a grad-enabled forward ran with the model in eval() mode
         self.lrs: list = []

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__, hooks
+from . import __version__, _dist, hooks
 from ._model import map_model
 from .chunk import Chunk, RunLayout
 from .config import WatchConfig
@@ -25,18 +25,24 @@ from .detect import SEVERITY_RANK
 from .errors import GradwatchError, GradwatchHalt, GradwatchWarning
 from .live import Monitor, announce
 from .recorder import RatioSpec, Recorder
-from .store.writer import Rows, Writer, create_store
+from .store.writer import NullWriter, Rows, Writer, create_store
 
 log = logging.getLogger("gradwatch")
 MAX_ROWS_PER_FLUSH = 1000  # bounds the device memory held between flushes on very fast loops
+DIST_FIRST_FLUSH = 10  # distributed: recorded steps before the first flush (later ones: rank 0's pick)
 
 
 class Watcher:
     """Records one model's training into one run store. Create it with `gradwatch.watch()`."""
 
     def __init__(self, model: nn.Module, optimizers: list, run_dir: Path, config: WatchConfig, scaler,
-                 include: list[str] | None, exclude: list[str] | None, on_finding=None, halt_on: str | None = None):
+                 include: list[str] | None, exclude: list[str] | None, on_finding=None, halt_on: str | None = None,
+                 dist: _dist.Dist | None = None):
         self.model, self.config, self.run_dir = model, config, run_dir
+        self._dist = dist
+        # Rank 0 writes; other ranks record only to send their rows to it, or nothing when they cannot.
+        self._writes = dist is None or dist.rank == 0
+        self._passive = dist is not None and dist.rank != 0 and not dist.merge
         self._on_finding, self._halt_on = on_finding, halt_on
         self._optimizers, self._scaler = optimizers, scaler
         self._mm = mm = map_model(model, include, exclude)
@@ -49,14 +55,20 @@ class Watcher:
                      "cannot be hooked, so no dead-unit or saturation stats. Use nn.ReLU/nn.Tanh modules "
                      "to get them.", type(model).__name__)
         device = next((p.device for p in mm.params), torch.device("cpu"))
-        self._rec = Recorder(mm, config, device, scaler)
+        self._rec = Recorder(mm, config, device, scaler, world=dist.world if dist and dist.merge else 1)
+        if self._rec.sharded and not (dist and dist.merge):
+            log.warning("gradwatch: the model's parameters are sharded, but the ranks' numbers are not merged: "
+                        "norms cover this rank's shards only. Call gradwatch.watch() on every rank.")
         traced_ids = {id(m): i for i, (_, m) in enumerate(mm.traced)}
         self._layout = RunLayout(
             layer_names=[ly.name for ly in mm.layers],
             traced=[(n, type(m).__name__) for n, m in mm.traced],
             layer_of_traced={traced_ids[id(ly.module)]: i for i, ly in enumerate(mm.layers)
                              if id(ly.module) in traced_ids},
+            rank=None if dist is None else dist.rank,
         )
+        self._flush_steps = DIST_FIRST_FLUSH  # distributed: recorded steps per flush, set by rank 0
+        self._warned_ranks = False
         self._ratio_groups = self._plan_ratio_groups()
         self._ratio_specs: dict[tuple[int, int], RatioSpec | None] = {}
         self._step = self._recorded = 0
@@ -64,16 +76,19 @@ class Watcher:
         self._closed = False
         self._warned: set[str] = set()  # kinds of failure already warned about
         self._loss_described = False
-        try:
-            conn = create_store(run_dir, self._meta(include, exclude))
-        except (OSError, sqlite3.Error) as e:
-            raise GradwatchError(f"watch: cannot create the run store in run_dir={str(run_dir)!r} ({e}); "
-                                 "pass a folder you can write to.") from None
-        self._writer = Writer(conn)
+        if self._writes:
+            try:
+                conn = create_store(run_dir, self._meta(include, exclude))
+            except (OSError, sqlite3.Error) as e:
+                raise GradwatchError(f"watch: cannot create the run store in run_dir={str(run_dir)!r} ({e}); "
+                                     "pass a folder you can write to.") from None
+            self._writer = Writer(conn)
+        else:
+            self._writer = NullWriter()
         self._writer.put(Rows(series=[("layer", i, ly.name, type(ly.module).__name__, ly.n_params)
                                       for i, ly in enumerate(mm.layers)]))
         try:
-            self._handles = hooks.install(model, mm, self._rec, config, optimizers, self)
+            self._handles = [] if self._passive else hooks.install(model, mm, self._rec, config, optimizers, self)
         except BaseException:
             self._writer.close(Rows(meta={"status": "crashed", "end_time": time.time()}))
             raise
@@ -81,7 +96,9 @@ class Watcher:
         if not optimizers and self._ratio_due():
             self._rec.snapshot(0, self._spec(None))  # so that step 0 has an update ratio too
         self._last_flush = time.monotonic()
-        self._monitor = Monitor(run_dir, self._writer, config.detect_every) if config.detect_every else None
+        self._monitor = None
+        if config.detect_every and self._writes:
+            self._monitor = Monitor(run_dir, self._writer, config.detect_every)
         atexit.register(self._at_exit)
 
     # ---- the public surface ----------------------------------------------------------------------
@@ -101,6 +118,9 @@ class Watcher:
             raise GradwatchError("step() was called after close(); create a new watcher with "
                                  "gradwatch.watch(...) to keep recording.")
         _check_loss(loss)
+        if self._passive:
+            self._step += 1
+            return
         rec = self._rec
         try:
             if rec.recording:
@@ -116,8 +136,11 @@ class Watcher:
         try:
             if not self._optimizers and rec.recording and self._ratio_due():
                 rec.snapshot(0, self._spec(None))  # no optimizer hook to wrap the update: copy now
-            if (time.monotonic() - self._last_flush >= self.config.flush_every
-                    or len(self._rows) >= MAX_ROWS_PER_FLUSH):
+            if self._merging:  # every rank flushes at the same step: the flush is a collective
+                due = len(self._rows) >= self._flush_steps
+            else:
+                due = time.monotonic() - self._last_flush >= self.config.flush_every
+            if due or len(self._rows) >= MAX_ROWS_PER_FLUSH:
                 self._flush()
         except Exception as e:  # noqa: BLE001
             rec.internal_error(e)
@@ -199,11 +222,45 @@ class Watcher:
             self._monitor.check()
             self._deliver(halt=False)
 
+    @property
+    def _merging(self) -> bool:
+        return self._dist is not None and self._dist.merge
+
     def _flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if self._rows:
-            self._writer.put(Chunk(self._rows, self._layout))
-            self._rows = []
+        now, last = time.monotonic(), self._last_flush
+        self._last_flush = now
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        if not self._merging:
+            if self._writes:
+                self._writer.put(Chunk(rows, self._layout, sharded=self._rec.sharded))
+            return
+        flats = [r.flat for r in rows if r.flat is not None]
+        flat = torch.cat(flats) if flats else torch.zeros(0, device=self._rec.device)
+        # Rank 0 picks how many recorded steps make `flush_every` seconds; every rank uses its pick.
+        per_step = (now - last) / len(rows)
+        pick = min(MAX_ROWS_PER_FLUSH, max(1, round(self.config.flush_every / max(per_step, 1e-6))))
+        try:
+            world, pick, lengths = _dist.gather(flat, pick)
+        except Exception as e:  # noqa: BLE001 - a broken process group: record alone from now on
+            self._dist.merge = False
+            log.warning("gradwatch: merging the ranks' statistics failed (%s: %s); from now on rank 0 records "
+                        "its own numbers only.", type(e).__name__, e)
+            if self._writes:
+                self._writer.put(Chunk(rows, self._layout, sharded=self._rec.sharded))
+            return
+        self._flush_steps = int(pick)
+        if not self._writes:
+            return
+        same = [r for r, n in enumerate(lengths) if n == lengths[0]]
+        if len(same) < len(lengths) and not self._warned_ranks:
+            self._warned_ranks = True
+            log.warning("gradwatch: ranks %s recorded differently shaped steps (a different module call "
+                        "sequence); their activation and NaN statistics are left out.",
+                        [r for r in range(len(lengths)) if r not in same])
+        self._writer.put(Chunk(rows, self._layout, world=world[same, : lengths[0]], ranks=same,
+                               sharded=self._rec.sharded))
 
     def _wait_written(self) -> None:
         """Block until everything already flushed is committed (used by the benchmarks)."""
@@ -270,13 +327,14 @@ class Watcher:
         mm, device = self._mm, self._rec.device
         owned = None if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
         wanted = set(layers)
-        params, where, pairs = [], {}, []
+        params, where, pairs, order = [], {}, [], []
         for p_idx, l_idx in zip(mm.param_of_pair, mm.layer_of_pair):
             p = mm.params[p_idx]
             if l_idx in wanted and (owned is None or id(p) in owned):
                 if p_idx not in where:
                     where[p_idx] = len(params)
                     params.append(p)
+                    order.append(p_idx)
                 pairs.append((where[p_idx], l_idx))
         if not params:
             return None
@@ -286,6 +344,7 @@ class Watcher:
             pair_param=torch.tensor([p for p, _ in pairs], dtype=torch.long, device=device),
             pair_layer=torch.tensor([ly for _, ly in pairs], dtype=torch.long, device=device),
             absent=torch.tensor([i not in covered for i in range(len(mm.layers))], device=device),
+            shard_weight=self._rec._shard_weight[order] if self._rec.sharded else None,
         )
 
     def _meta(self, include, exclude) -> dict:
@@ -300,10 +359,14 @@ class Watcher:
                                                          "enabled": bool(self._scaler.is_enabled())},
             "config": asdict(self.config), "include": include, "exclude": exclude,
             "device": str(self._rec.device),
+            "distributed": None if self._dist is None else {
+                "world_size": self._dist.world, "merged": self._dist.merge, "sharded": self._rec.sharded},
         }
 
     def _at_exit(self) -> None:
         crashed = getattr(sys, "last_type", None) is not None
+        if self._dist is not None:  # the other ranks may be gone: no collective at interpreter exit
+            self._dist.merge = False
         try:
             self.close("crashed" if crashed else "finished")
         except Exception:  # noqa: BLE001 - never fail interpreter shutdown
@@ -402,5 +465,9 @@ def watch(model: nn.Module, optimizer=None, run_dir: str | os.PathLike | None = 
     if halt_on and not cfg.detect_every:
         raise GradwatchError("watch: halt_on needs the live detectors, but detect_every=0 turns them off; "
                              "set detect_every to a number of seconds (default 5).")
-    run_path = prepare_run_dir(run_dir, name, overwrite)
-    return Watcher(model, optimizers, run_path, cfg, scaler, include, exclude, on_finding, halt_on)
+    dist = _dist.detect()
+    if dist is not None and dist.rank != 0:  # only rank 0 touches the disk
+        run_path = Path(run_dir) if run_dir is not None else Path("runs")
+    else:
+        run_path = prepare_run_dir(run_dir, name, overwrite)
+    return Watcher(model, optimizers, run_path, cfg, scaler, include, exclude, on_finding, halt_on, dist)

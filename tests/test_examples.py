@@ -8,12 +8,17 @@ import pytest
 import gradwatch
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+TORCHRUN = {"ddp_example": 2}  # launched as its docstring says: torchrun --nproc_per_node N
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_runs(script, tmp_path):
     run_dir = tmp_path / script.stem
-    proc = subprocess.run([sys.executable, str(script), "--run-dir", str(run_dir)],
+    launch = [sys.executable]
+    if script.stem in TORCHRUN:
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(TORCHRUN[script.stem]),
+                   "--standalone"]
+    proc = subprocess.run([*launch, str(script), "--run-dir", str(run_dir)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = gradwatch.load_run(run_dir)

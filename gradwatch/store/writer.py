@@ -152,3 +152,22 @@ class Writer:
             if len(self._pending) > MAX_PENDING:
                 self.dropped += len(self._pending) - MAX_PENDING
                 del self._pending[:-MAX_PENDING]
+
+
+class NullWriter:
+    """What a rank other than 0 writes to in a distributed run: nothing. Same surface as `Writer`."""
+
+    error: BaseException | None = None
+    dropped = 0
+
+    def put(self, item) -> None:
+        pass
+
+    def put_findings(self, rows: list[tuple]) -> None:
+        pass
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        return True
+
+    def close(self, final: Rows | None = None, timeout: float = 60.0) -> None:
+        pass
