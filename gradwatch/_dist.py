@@ -9,7 +9,8 @@ Collectives must be called by every rank in the same order, so in a distributed 
 number of recorded steps that rank 0 picks and sends along with its rows (`flush_every` seconds' worth),
 not after a wall time each rank would measure differently. All ranks must call `watch()`, `step()` and
 `close()` alike. A rank that watches alone (say, a script that only watches on rank 0) is found at
-`watch()` through the process group's store, and then records alone, without any collective.
+`watch()` through the process group's store within JOIN_TIMEOUT_S, and then records alone, without any
+collective; `merge_ranks=False` skips that wait.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 log = logging.getLogger("gradwatch")
-JOIN_TIMEOUT_S = 30.0  # how long watch() waits for the other ranks to call watch() too
+JOIN_TIMEOUT_S = 15.0  # how long watch() waits for the other ranks to call watch() too
 _generation = 0  # watch() calls in this process: ranks that watch alike agree on it
 
 
@@ -32,7 +33,7 @@ class Dist:
     merge: bool  # every rank watches: flushes exchange rows; False: this rank records alone
 
 
-def detect() -> Dist | None:
+def detect(merge_ranks: bool = True) -> Dist | None:
     """The process group, when torch.distributed runs with more than one rank; None otherwise."""
     try:
         import torch.distributed as dist
@@ -41,7 +42,7 @@ def detect() -> Dist | None:
         rank, world = dist.get_rank(), dist.get_world_size()
     except Exception:  # noqa: BLE001 - a broken distributed set-up must not stop training
         return None
-    return Dist(rank, world, _everyone_watches(rank, world))
+    return Dist(rank, world, merge_ranks and _everyone_watches(rank, world))
 
 
 def _everyone_watches(rank: int, world: int) -> bool:
@@ -63,7 +64,8 @@ def _everyone_watches(rank: int, world: int) -> bool:
             store.set(f"{key}/merge", "1" if merge else "0")
             if not merge:
                 log.warning("gradwatch: only some ranks called watch(); rank 0 records its own numbers alone. "
-                            "Call gradwatch.watch() on every rank to merge their statistics.")
+                            "Call gradwatch.watch() on every rank to merge their statistics, or pass "
+                            "merge_ranks=False to skip this %.0f s wait.", JOIN_TIMEOUT_S)
             return merge
         store.wait([f"{key}/merge"], datetime.timedelta(seconds=JOIN_TIMEOUT_S + 30))
         return store.get(f"{key}/merge") == b"1"

@@ -32,12 +32,14 @@ class WatchConfig:
     trace_nonfinite: bool = True  # name the module that first produced a NaN/Inf (one reduction per module)
     flush_every: float = 0.5  # seconds between flushes (one host copy and one write transaction)
     detect_every: float = 5.0  # seconds between live detector passes on a background thread; 0 turns them off
+    merge_ranks: bool = True  # torch.distributed: every rank calls watch() and rank 0 stores all ranks' merged
+    #                           stats; False: rank 0 records its own alone, other ranks record nothing
 
     def __post_init__(self) -> None:
         for name in ("every", "detail_every", "dead_window"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("grad_norm", "grad_maxabs", "weight_norm", "update_ratio", "activations",
-                     "trace_nonfinite"):
+                     "trace_nonfinite", "merge_ranks"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise GradwatchError(f"{name} must be True or False, got {name}={value!r}")

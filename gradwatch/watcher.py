@@ -465,7 +465,7 @@ def watch(model: nn.Module, optimizer=None, run_dir: str | os.PathLike | None = 
     if halt_on and not cfg.detect_every:
         raise GradwatchError("watch: halt_on needs the live detectors, but detect_every=0 turns them off; "
                              "set detect_every to a number of seconds (default 5).")
-    dist = _dist.detect()
+    dist = _dist.detect(cfg.merge_ranks)
     if dist is not None and dist.rank != 0:  # only rank 0 touches the disk
         run_path = Path(run_dir) if run_dir is not None else Path("runs")
     else:

@@ -124,3 +124,24 @@ def test_missing_lightning_names_the_extra():
             "try:\n    import gradwatch.integrations.lightning\nexcept ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert 'pip install "gradwatch[lightning]"' in out
+
+
+def test_ddp_on_two_cpu_processes_merges_into_rank_zeros_store(tmp_path):
+    """strategy="ddp", 2 processes on gloo: one store, written by rank 0; norms are the all-reduced ones
+    Lightning's own hook sees; the loss is the mean of the two ranks' losses."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "lightning_ddp.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    run = gradwatch.load_run(tmp_path / "run")
+    assert run.meta["distributed"] == {"world_size": 2, "merged": True, "sharded": False}
+    assert run.steps["step"].tolist() == list(range(6))
+    ref = {int(step): norms for step, norms in ranks[0]["ref"].items()}
+    assert ranks[1]["ref"] == ranks[0]["ref"]  # DDP: the same gradients on both ranks
+    assert_table_close(metric_table(run, "grad_norm"), ref, rtol=1e-5, what="grad_norm")
+    np.testing.assert_allclose(run.steps["loss"].to_numpy(), np.mean([r["losses"] for r in ranks], axis=0),
+                               rtol=1e-6)

@@ -40,8 +40,9 @@ class GradWatchCallback(pl.Callback):
     Lightning's division, so it is the raw loss. Because it is detached, the loss's autograd chain
     (used to spot a softmax fed into cross-entropy) is not recorded.
 
-    Distributed: only global rank 0 (`trainer.is_global_zero`) creates and owns the store; on every
-    other rank the callback does nothing, so those ranks' statistics are not recorded.
+    Distributed: the callback watches on every rank, as `gradwatch.watch()` expects; global rank 0
+    alone writes the store, and the other ranks' activation, NaN and loss statistics are merged into it
+    at each flush (see the README's "Distributed training").
 
     Args:
         run_dir: folder for the run store, as in `gradwatch.watch()`.
@@ -59,8 +60,6 @@ class GradWatchCallback(pl.Callback):
         self._seen_step = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.watcher = watch(pl_module, optimizer=list(trainer.optimizers) or None, run_dir=self.run_dir,
                              scaler=scaler, **self.options)
@@ -69,7 +68,7 @@ class GradWatchCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         if self.watcher is None or trainer.global_step == self._seen_step:
-            return  # another rank, or a micro-batch whose optimizer step is still to come
+            return  # not fitting, or a micro-batch whose optimizer step is still to come
         self._seen_step = trainer.global_step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None and pl_module.automatic_optimization:

@@ -31,8 +31,9 @@ class GradWatchCallback(TrainerCallback):
     accelerate `GradScaler` is passed to gradwatch as `scaler=`, which divides by the loss scale.
 
     The hooks:
-        on_train_begin: calls `gradwatch.watch(model, optimizer=..., run_dir=..., **options)` on the main
-            process only (`state.is_world_process_zero`). The optimizer is accelerate's wrapper; gradwatch
+        on_train_begin: calls `gradwatch.watch(model, optimizer=..., run_dir=..., **options)` on every
+            process, as `watch()` expects in a distributed run: the main process alone writes the store,
+            and the others' statistics are merged into it. The optimizer is accelerate's wrapper; gradwatch
             hooks the torch optimizer inside it, so a step the GradScaler skips is recorded as skipped.
         on_step_end: once per optimizer step, after accumulation, clipping and `optimizer.step()`; calls
             `watcher.step(loss)`.
@@ -71,7 +72,7 @@ class GradWatchCallback(TrainerCallback):
 
     # ---- Trainer events --------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if not state.is_world_process_zero or model is None:
+        if model is None:
             return
         self.close("crashed")  # a second train() on the same callback starts a fresh watcher
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
