@@ -156,14 +156,20 @@ class Watcher:
         if self._optimizers and not rec.stepped:
             rec.lrs = [g.get("lr") for opt in self._optimizers for g in opt.param_groups]
         if not self._loss_described and isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
-            self._loss_described = True
-            self._writer.put(Rows(meta={"loss": describe_loss(loss)}))
+            self.note_loss_graph(describe_loss(loss))
         window_end = (self._recorded + 1) % self.config.dead_window == 0
         row = rec.finish_step(self._step, loss, window_end, self.config.weight_norm and rec.detail)
         row.skipped = skipped
         self._rows.append(row)
         self._recorded += 1
         self._send_new_sites()
+
+    def note_loss_graph(self, description: dict) -> None:
+        """Record the loss's autograd chain (`describe_loss`) once. For integrations whose `step()` only
+        sees a detached loss: they describe the live one where the framework shows it."""
+        if not self._loss_described:
+            self._loss_described = True
+            self._writer.put(Rows(meta={"loss": description}))
 
     def flush(self) -> None:
         """Write every recorded step now and wait until it is committed (a host sync on GPU)."""

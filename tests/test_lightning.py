@@ -145,3 +145,22 @@ def test_ddp_on_two_cpu_processes_merges_into_rank_zeros_store(tmp_path):
     assert_table_close(metric_table(run, "grad_norm"), ref, rtol=1e-5, what="grad_norm")
     np.testing.assert_allclose(run.steps["loss"].to_numpy(), np.mean([r["losses"] for r in ranks], axis=0),
                                rtol=1e-6)
+
+
+class SoftmaxFirst(Tiny):
+    """The classic bug: softmax, then a loss that applies log_softmax again."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(torch.softmax(self.net(x), dim=1), y)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_loss_graph_is_read_before_backward_so_softmax_before_loss_is_found(tmp_path, accumulate):
+    torch.manual_seed(0)
+    run = _fit(tmp_path / "run", SoftmaxFirst(), max_steps=4, accumulate_grad_batches=accumulate)
+    chain = run.meta["loss"]["chain"]
+    assert chain[:3] == ["NllLossBackward0", "LogSoftmaxBackward0", "SoftmaxBackward0"], chain
+    assert run.meta["loss"]["classes"] == 2
+    kinds = [f.kind for f in gradwatch.diagnose(tmp_path / "run").findings]
+    assert "softmax_before_loss" in kinds

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 try:
     import lightning.pytorch as pl
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError('gradwatch.integrations.lightning needs Lightning: pip install "gradwatch[lightning]"') from e
 
-from ..watcher import Watcher, watch
+from ..watcher import Watcher, describe_loss, watch
 
 __all__ = ["GradWatchCallback"]
 
@@ -37,8 +39,9 @@ class GradWatchCallback(pl.Callback):
 
     Loss: the loss that `training_step` returned for the last micro-batch of the step, detached (Lightning
     hands callbacks a detached copy), and with automatic optimization multiplied back by k to undo
-    Lightning's division, so it is the raw loss. Because it is detached, the loss's autograd chain
-    (used to spot a softmax fed into cross-entropy) is not recorded.
+    Lightning's division, so it is the raw loss. Its autograd chain (which tells a softmax fed into
+    cross-entropy, and the class count for the initial-loss check) is read once in `on_before_backward`,
+    where the loss still has its graph, without Lightning's division by k.
 
     Distributed: the callback watches on every rank, as `gradwatch.watch()` expects; global rank 0
     alone writes the store, and the other ranks' activation, NaN and loss statistics are merged into it
@@ -64,6 +67,15 @@ class GradWatchCallback(pl.Callback):
         self.watcher = watch(pl_module, optimizer=list(trainer.optimizers) or None, run_dir=self.run_dir,
                              scaler=scaler, **self.options)
         self._seen_step = trainer.global_step
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss) -> None:
+        if self.watcher is None or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+            return
+        described = describe_loss(loss)
+        if pl_module.automatic_optimization and described["chain"][:1] == ["DivBackward0"]:
+            # Lightning's division by accumulate_grad_batches, which step() undoes in the recorded loss
+            described["chain"] = described["chain"][1:]
+        self.watcher.note_loss_graph(described)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
