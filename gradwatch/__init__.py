@@ -5,9 +5,9 @@ bring in pandas but never torch, so neither pays for the other.
 """
 __version__ = "0.1.0"
 
-from .errors import GradwatchError, GradwatchWarning
+from .errors import GradwatchError, GradwatchHalt, GradwatchWarning
 
-__all__ = ["Finding", "GradwatchError", "GradwatchWarning", "Report", "Run", "WatchConfig", "Watcher",
+__all__ = ["Finding", "GradwatchError", "GradwatchHalt", "GradwatchWarning", "Report", "Run", "WatchConfig", "Watcher",
            "diagnose", "list_runs", "load_run", "watch"]
 
 _LAZY = {"watch": "watcher", "Watcher": "watcher", "WatchConfig": "config",

@@ -85,8 +85,8 @@ def _sleep(s: float) -> None:
     time.sleep(s)
 
 
-def gather(flat: torch.Tensor, note: float) -> tuple[torch.Tensor, float, list[int]]:
-    """Every rank's `flat` on every rank, as a [world, n] tensor padded with NaN, rank 0's `note`, and
+def gather(flat: torch.Tensor, notes: list[float]) -> tuple[torch.Tensor, list[float], list[int]]:
+    """Every rank's `flat` on every rank, as a [world, n] tensor padded with NaN, rank 0's `notes`, and
     each rank's length.
 
     Two all_gathers: the lengths (and rank 0's note) first, then the padded vectors. With gloo, CUDA
@@ -98,7 +98,7 @@ def gather(flat: torch.Tensor, note: float) -> tuple[torch.Tensor, float, list[i
     cpu = dist.get_backend() == "gloo"
     dev = torch.device("cpu") if cpu else flat.device
     flat = flat.to(dev)
-    head = torch.tensor([flat.numel(), note], dtype=torch.float64, device=dev)
+    head = torch.tensor([flat.numel(), *notes], dtype=torch.float64, device=dev)
     heads = [torch.empty_like(head) for _ in range(world)]
     dist.all_gather(heads, head)
     heads = torch.stack(heads).cpu()  # sync: once per flush, the lengths decide the padding
@@ -107,7 +107,7 @@ def gather(flat: torch.Tensor, note: float) -> tuple[torch.Tensor, float, list[i
     padded[: flat.numel()] = flat
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.stack(parts), float(heads[0, 1]), [int(v) for v in heads[:, 0]]
+    return torch.stack(parts), heads[0, 1:].tolist(), [int(v) for v in heads[:, 0]]
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

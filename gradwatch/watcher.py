@@ -68,6 +68,8 @@ class Watcher:
             rank=None if dist is None else dist.rank,
         )
         self._flush_steps = DIST_FIRST_FLUSH  # distributed: recorded steps per flush, set by rank 0
+        self._halt = None  # distributed: a finding under halt_on, waiting for the next flush to stop every rank
+        self._halt_everywhere = False
         self._warned_ranks = False
         self._ratio_groups = self._plan_ratio_groups()
         self._ratio_specs: dict[tuple[int, int], RatioSpec | None] = {}
@@ -147,6 +149,8 @@ class Watcher:
         self._warn_once_if_failed()
         if self._monitor is not None and not self._monitor.new.empty():
             self._deliver(halt=True)
+        if self._halt_everywhere:
+            raise GradwatchHalt(self._halt)
 
     def _record_step(self, loss) -> None:
         rec = self._rec
@@ -182,6 +186,10 @@ class Watcher:
             return
         self._closed = True
         atexit.unregister(self._at_exit)
+        if status != "finished" and self._dist is not None:
+            # After an error the other ranks may be stuck in a collective of their own: a last exchange
+            # could hang. Rank 0 writes what it has; the others drop theirs.
+            self._dist.merge = False
         try:
             hooks.remove(self._handles)
         finally:
@@ -217,7 +225,11 @@ class Watcher:
             if halt and self._halt_on and stop is None and SEVERITY_RANK[f.severity] >= SEVERITY_RANK[self._halt_on]:
                 stop = f
         if stop is not None:
-            raise GradwatchHalt(stop)
+            if not self._merging:
+                raise GradwatchHalt(stop)
+            # Distributed: every rank must stop at the same step, or the others would wait forever in their
+            # next collective. The next flush tells them; then all raise together.
+            self._halt = self._halt or stop
 
     def _final_diagnosis(self) -> None:
         """At close: one last pass over everything flushed, so the store and the log end complete."""
@@ -248,7 +260,7 @@ class Watcher:
         per_step = (now - last) / len(rows)
         pick = min(MAX_ROWS_PER_FLUSH, max(1, round(self.config.flush_every / max(per_step, 1e-6))))
         try:
-            world, pick, lengths = _dist.gather(flat, pick)
+            world, (pick, halt), lengths = _dist.gather(flat, [pick, float(self._halt is not None)])
         except Exception as e:  # noqa: BLE001 - a broken process group: record alone from now on
             self._dist.merge = False
             log.warning("gradwatch: merging the ranks' statistics failed (%s: %s); from now on rank 0 records "
@@ -257,6 +269,7 @@ class Watcher:
                 self._writer.put(Chunk(rows, self._layout, sharded=self._rec.sharded))
             return
         self._flush_steps = int(pick)
+        self._halt_everywhere = bool(halt)
         if not self._writes:
             return
         same = [r for r, n in enumerate(lengths) if n == lengths[0]]

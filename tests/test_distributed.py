@@ -228,3 +228,40 @@ def test_fsdp2_norms_combine_shards_and_equal_the_unsharded_reference(tmp_path):
     assert_table_close(metric_table(run, "update_ratio"), strip, rtol=1e-4, what="update_ratio")
     totals = [float(np.sqrt(sum(v * v for v in grads[s].values()))) for s in range(NAN_STEP)]
     np.testing.assert_allclose(run.steps["grad_norm"].to_numpy(), totals, rtol=1e-5)
+
+
+# ---- halt_on: every rank stops at the same step ------------------------------------------------------
+def _halt_worker(rank: int, port: int, tmp: str) -> None:
+    _init(rank, port)
+    stopped_at, message = None, ""
+    try:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        try:
+            with gradwatch.watch(model, optimizer=opt, run_dir=f"{tmp}/run", halt_on="critical",
+                                 detect_every=0.1, flush_every=0.05) as gw:
+                for step in range(3000):
+                    x, y = global_batch(step % NAN_STEP if step < 100 else NAN_STEP)  # NaN on rank 1 from 100
+                    opt.zero_grad()
+                    loss = nn.functional.mse_loss(model(_local(x, rank)), _local(y, rank))
+                    loss.backward()
+                    opt.step()
+                    gw.step(loss)
+        except gradwatch.GradwatchHalt as e:
+            stopped_at, message = gw.global_step, str(e)
+        with open(f"{tmp}/rank{rank}.json", "w") as f:
+            json.dump({"stopped_at": stopped_at, "message": message}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_halt_on_stops_every_rank_at_the_same_step(tmp_path):
+    """A critical finding reaches rank 0's live detectors only; the next flush tells every rank, and all
+    raise GradwatchHalt after the same step, so none is left waiting in a collective."""
+    ranks = _spawn(_halt_worker, tmp_path)
+    stops = [r["stopped_at"] for r in ranks]
+    assert stops[0] is not None and stops[0] == stops[1] and 100 < stops[0] < 3000, stops
+    assert "rank 0 found a problem" in ranks[1]["message"]
+    run = gradwatch.load_run(tmp_path / "run")
+    assert run.meta["status"] == "crashed"
+    assert run.events.iloc[0]["rank"] == 1
