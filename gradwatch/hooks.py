@@ -26,6 +26,9 @@ class _Hook:
     def __init__(self, rec: Recorder, index: int = -1):
         self.rec, self.index = rec, index
 
+    # torch.compile runs hooks eagerly instead of tracing into them: traced, their Python (graph task ids,
+    # id()-keyed caches) splits the model's graph and keeps recompiling it.
+    @torch.compiler.disable
     def __call__(self, *args):
         try:
             self.run(*args)

@@ -672,3 +672,19 @@ def test_adam_weight_decay_is_silent(spec):
 def test_nan_inf_keeps_the_module_name_as_written():
     (f,) = nan_inf.detect(nan_run(at=60, upto=61, events=events_frame((60, "nan", "forward", "encoder.norm"))))
     assert f.message.startswith("encoder.norm returned NaN from finite inputs")
+
+
+@pytest.mark.parametrize("n_late, fires", [(amp_overflow.MIN_STEPS - 1, False), (amp_overflow.MIN_STEPS, True)])
+def test_amp_overflow_share_rule_waits_for_min_steps_after_the_search(n_late, fires):
+    """A scaler still searching when the run is only a few steps past SEARCH is no pattern yet."""
+    n = amp_overflow.SEARCH + n_late
+    skipped = range(0, n, 2)  # isolated skips (no run of MAX_RUN): only the share rule can fire
+    assert bool(amp_overflow.detect(amp_run(skipped, n=n))) is fires
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_disabled_grad_scaler_is_no_scaler(enabled):
+    """`GradScaler(enabled=False)` (the `enabled=use_amp` idiom): the loop's own skips are no amp_overflow."""
+    f = amp_run(range(30, 40))
+    f.meta["scaler"]["enabled"] = enabled
+    assert bool(amp_overflow.detect(f)) is enabled

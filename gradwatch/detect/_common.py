@@ -176,3 +176,9 @@ def sentence(parts: list[str]) -> str:
     """Clauses joined with semicolons into one sentence, first letter up (code in them keeps its case)."""
     text = "; ".join(parts)
     return text[:1].upper() + text[1:] + "." if text else ""
+
+
+def scaler_in_use(meta: dict) -> bool:
+    """The run had an enabled GradScaler (`GradScaler(enabled=False)`, the `enabled=use_amp` idiom, is none)."""
+    scaler = meta.get("scaler")
+    return bool(scaler) and scaler.get("enabled", True) is not False

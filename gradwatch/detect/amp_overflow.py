@@ -3,7 +3,8 @@
 A GradScaler starts high (65536 by default) and halves its scale at each overflow, skipping that step;
 a handful of skips at the start, and an isolated one later, are it finding its scale. A finding when:
   - a run of at least MAX_RUN consecutive skipped steps happens after the first SEARCH steps, or
-  - more than MAX_SHARE of the steps after SEARCH were skipped.
+  - more than MAX_SHARE of the steps after SEARCH were skipped, once there are MIN_STEPS of them (a scaler
+    still searching at step 21 is not yet a pattern).
 Critical when the scale fell below 1 (the gradients overflow even unscaled) or most steps were skipped.
 """
 from __future__ import annotations
@@ -11,17 +12,18 @@ from __future__ import annotations
 import numpy as np
 
 from . import Finding, Frames, detector
-from ._common import num, pct, true_runs
+from ._common import num, pct, scaler_in_use, true_runs
 
 SEARCH = 20  # steps the scaler may spend finding its scale
 MAX_RUN = 5
 MAX_SHARE = 0.1
+MIN_STEPS = 20  # steps after SEARCH before the share rule applies
 
 
 @detector
 def detect(frames: Frames) -> list[Finding]:
     s = frames.steps
-    if not frames.meta.get("scaler") or s.empty or not s["skipped"].fillna(False).any():
+    if not scaler_in_use(frames.meta) or s.empty or not s["skipped"].fillna(False).any():
         return []
     late = s[s["step"] >= s["step"].iloc[0] + SEARCH]
     skipped = late["skipped"].fillna(False).to_numpy(bool)
@@ -29,7 +31,7 @@ def detect(frames: Frames) -> list[Finding]:
         return []
     runs = [(a, b) for a, b in true_runs(skipped) if b - a + 1 >= MAX_RUN]
     share = float(skipped.mean())
-    if not runs and share <= MAX_SHARE:
+    if not runs and (share <= MAX_SHARE or len(skipped) < MIN_STEPS):
         return []
     first = runs[0][0] if runs else int(np.flatnonzero(skipped)[0])
     step = int(late["step"].iloc[first])

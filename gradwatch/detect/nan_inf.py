@@ -16,7 +16,7 @@ import numpy as np
 
 from ..store.schema import ROOT_NAME
 from . import Finding, Frames, detector
-from ._common import clean_steps, healthy_grad_norm, lr_at, nice, nice_factor, num
+from ._common import clean_steps, healthy_grad_norm, lr_at, nice, nice_factor, num, scaler_in_use
 
 SPELLING = {"nan": "NaN", "inf": "Inf"}
 PHASE_WHAT = {
@@ -33,7 +33,7 @@ def detect(frames: Frames) -> list[Finding]:
     if steps.empty or not steps["nonfinite"].any():
         return []
     events = frames.events
-    scaler = bool(frames.meta.get("scaler"))
+    scaler = scaler_in_use(frames.meta)
     findings: dict[tuple[str, str], Finding] = {}
     if events is None or events.empty:
         bad = [int(s) for s in steps.loc[steps["nonfinite"], "step"] if not (scaler and _scaler_skip(steps, s))]
@@ -114,7 +114,7 @@ def _stability_advice(frames: Frames, step: int) -> str:
         out += (f" The gradient norm rose to {num(float(recent.max()))} just before (typical {num(healthy)}): "
                 f"clip with `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={num(nice(healthy))})`")
         out += f" and lower the learning rate from {num(lr)} to {num(nice(lr / factor))}." if lr else "."
-    if frames.meta.get("scaler"):
+    if scaler_in_use(frames.meta):
         scale = frames.steps.loc[frames.steps["step"] <= step, "loss_scale"].dropna()
         if len(scale):
             out += (f" Mixed precision: the loss scale was {num(float(scale.iloc[-1]))} at that step; a scale that "
