@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import math
 import os
 import sys
 import time
@@ -72,6 +73,19 @@ def time_block(session: Session, n: int, sync: Callable[[], None]) -> float:
     session.config.end_block()
     sync()
     return time.perf_counter() - t0
+
+
+def warm_up_and_size_block(sessions: dict[str, Session], warmup: int, block: int, target_s: float,
+                           sync: Callable[[], None]) -> int:
+    """Run `warmup` untimed steps per session; return `block`, or if 0 the fewest steps (>= 2) that
+    make a baseline block last `target_s`."""
+    for s in sessions.values():
+        s.steps(warmup)
+        s.config.end_block()
+    if block:
+        return block
+    per_step = time_block(sessions["baseline"], 3, sync) / 3
+    return max(2, math.ceil(target_s / per_step))
 
 
 @dataclasses.dataclass

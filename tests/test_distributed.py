@@ -83,6 +83,20 @@ def _local(x: torch.Tensor, rank: int) -> torch.Tensor:
     return x[rank * n: (rank + 1) * n]
 
 
+def _train(model, opt, gw, rank: int, steps: int) -> list[float]:
+    """`steps` SGD steps on this rank's half of each global batch; the rank's losses."""
+    losses = []
+    for step in range(steps):
+        x, y = global_batch(step)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(_local(x, rank)), _local(y, rank))
+        loss.backward()
+        opt.step()
+        gw.step(loss)
+        losses.append(loss.item())
+    return losses
+
+
 # ---- DDP -------------------------------------------------------------------------------------------
 def _ddp_worker(rank: int, port: int, tmp: str) -> None:
     _init(rank, port)
@@ -93,15 +107,7 @@ def _ddp_worker(rank: int, port: int, tmp: str) -> None:
         run_dir = f"{tmp}/run" if rank == 0 else f"{tmp}/rank1-run"
         gw = gradwatch.watch(model, optimizer=opt, run_dir=run_dir, dead_window=WINDOW, detail_every=2,
                              detect_every=0)
-        losses = []
-        for step in range(STEPS):
-            x, y = global_batch(step)
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(model(_local(x, rank)), _local(y, rank))
-            loss.backward()
-            opt.step()
-            gw.step(loss)
-            losses.append(loss.item())
+        losses = _train(model, opt, gw, rank, STEPS)
         gw.close()
         with open(f"{tmp}/rank{rank}.json", "w") as f:
             json.dump({"losses": losses}, f)
@@ -200,13 +206,7 @@ def _fsdp_worker(rank: int, port: int, tmp: str) -> None:
         assert type(model[0].weight).__name__ == "DTensor"
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         gw = gradwatch.watch(model, optimizer=opt, run_dir=f"{tmp}/run", detail_every=2, detect_every=0)
-        for step in range(NAN_STEP):
-            x, y = global_batch(step)
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(model(_local(x, rank)), _local(y, rank))
-            loss.backward()
-            opt.step()
-            gw.step(loss)
+        _train(model, opt, gw, rank, NAN_STEP)
         gw.close()
         with open(f"{tmp}/rank{rank}.json", "w") as f:
             json.dump({"shard_rows": model[0].weight.to_local().shape[0]}, f)
