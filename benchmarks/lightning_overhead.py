@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import math
 import sys
 import tempfile
 import threading
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers sit next
 import _report  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _harness import CompetingLoad, run_interleaved, time_block  # noqa: E402
+from _harness import CompetingLoad, run_interleaved, warm_up_and_size_block  # noqa: E402
 from _workloads import WORKLOADS, Workload  # noqa: E402
 
 BLOCK_TARGET_S = 0.1  # a baseline block's length when --block is 0; see overhead.py
@@ -60,6 +59,8 @@ def _watch_grads(run_dir: Path):
 
 # name -> (note, callback factory); the plain Trainer ("baseline") is always run.
 ROWS = {
+    # Two trainers are two threads, two models and two loaders: this row measures what that alone costs.
+    "plain-2": ("a second plain Trainer.fit: the control for the bias between two trainers", lambda run_dir: None),
     "gradwatch": ("GradWatchCallback() defaults", _watch_defaults),
     "gradwatch-grads": ("GradWatchCallback(config=WatchConfig.grad_norms_only())", _watch_grads),
 }
@@ -69,8 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _report.add_common_args(p, rounds=200, block_target_s=BLOCK_TARGET_S, workloads=["mlp", "transformer"],
                             quick_help="smoke run: 3 rounds of 2-step blocks", per="trainer", baseline="plain-Trainer")
-    p.add_argument("--configs", nargs="+", choices=list(ROWS), default=["gradwatch"],
-                   help="rows besides the plain Trainer (default: gradwatch)")
+    p.add_argument("--configs", nargs="+", choices=list(ROWS), default=["plain-2", "gradwatch"],
+                   help="rows besides the plain Trainer (default: plain-2 gradwatch)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     return _report.parse_checked(p, argv, quick={"rounds": 3, "block": 2, "warmup": 3})
 
@@ -139,7 +140,7 @@ def _module(workload: Workload):
 
 
 class _Row:
-    """What `_harness.time_block` calls `config`: its `end_block` settles the callback's deferred
+    """What `_harness.warm_up_and_size_block` calls `config`: its `end_block` settles the callback's deferred
     writes inside the timed block, as `_configs.Gradwatch.end_block` does."""
 
     def __init__(self, callback) -> None:
@@ -197,18 +198,19 @@ def bench_workload(wname: str, rows: list[str], args: argparse.Namespace, rng: n
             for name in ["baseline", *rows]:
                 callback = None if name == "baseline" else ROWS[name][1](Path(tmp) / name)
                 sessions[name] = TrainerSession(name, workload, callback, Path(tmp) / f"root-{name}")
-            for s in sessions.values():
-                s.steps(args.warmup)
-                s.config.end_block()
-            block = args.block
-            if not block:
-                per_step = time_block(sessions["baseline"], 3, lambda: None) / 3
-                block = max(2, math.ceil(BLOCK_TARGET_S / per_step))
+            block = warm_up_and_size_block(sessions, args.warmup, args.block, BLOCK_TARGET_S, lambda: None)
             load = CompetingLoad()
             timings = run_interleaved(sessions, args.rounds, block, lambda: None, rng, wname)
             others_share = load.share()
         finally:
             failures = [f for s in sessions.values() if (f := s.close())]
+        if not failures:  # the callback really recorded: every timed step is in its store
+            import gradwatch
+            for name in (r for r in rows if r != "plain-2"):
+                recorded = len(gradwatch.load_run(Path(tmp) / name).steps)
+                print(f"  {wname} {name}: {recorded} steps recorded", file=sys.stderr)
+                if recorded < args.rounds * block:
+                    failures.append(f"{name} recorded {recorded} steps, fewer than the {args.rounds * block} timed")
     if failures:
         raise RuntimeError("; ".join(failures))
     return _report.workload_result(wname, workload.description, block, args.rounds, others_share, timings, rng)

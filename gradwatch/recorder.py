@@ -125,6 +125,11 @@ class Recorder:
 
     def _read_grads(self) -> None:
         self._queued = False
+        # A backward ends a forward pass. Reset here too, not only when the root module's forward starts:
+        # Lightning calls training_step, not the module's forward, so the root's pre-hook may never run, and
+        # the next micro-batch's activation calls would count as second calls of the same modules.
+        self._calls = [0] * len(self._calls)
+        self._seen.clear()
         try:
             with torch.no_grad():
                 self._measure_grads()

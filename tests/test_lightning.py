@@ -164,3 +164,12 @@ def test_loss_graph_is_read_before_backward_so_softmax_before_loss_is_found(tmp_
     assert run.meta["loss"]["classes"] == 2
     kinds = [f.kind for f in gradwatch.diagnose(tmp_path / "run").findings]
     assert "softmax_before_loss" in kinds
+
+
+def test_micro_batches_without_a_root_forward_share_activation_sites(tmp_path):
+    """Lightning calls training_step, never the LightningModule's own forward: the second micro-batch's
+    ReLU call is the same site as the first one's, not a second call site "net.1#2"."""
+    torch.manual_seed(0)
+    run = _fit(tmp_path / "run", Tiny(), max_steps=4, accumulate_grad_batches=2)
+    names = set(run.layers["layer"].astype(str))
+    assert "net.1" in names and not any("#" in name for name in names), names
