@@ -10,7 +10,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError('gradwatch.integrations.lightning needs Lightning: pip install "gradwatch[lightning]"') from e
 
-from ..watcher import Watcher, describe_loss, watch
+from .._describe import describe_loss
+from ..watcher import Watcher, watch
 
 __all__ = ["GradWatchCallback"]
 
