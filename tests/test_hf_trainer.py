@@ -152,3 +152,28 @@ def test_missing_transformers_names_the_extra():
             "except ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert 'pip install "gradwatch[hf]"' in out.stdout
+
+
+def test_ddp_on_two_cpu_processes_merges_into_the_main_process_store(tmp_path):
+    """torchrun, 2 processes on gloo: one store, written by the main process, with one row per step and
+    the all-reduced pre-clip norms that HF's `_clip_grad_norm` sees on each rank."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "hf_ddp.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path / "run"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["world"] == 2
+    run = gradwatch.load_run(tmp_path / "run")
+    assert run.meta["distributed"] == {"world_size": 2, "merged": True, "sharded": False}
+    assert len(run.steps) == 4 == len(ranks[0]["ref"])
+    gn = run.layers[run.layers.metric == "grad_norm"]
+    for step, ref in enumerate(ranks[0]["ref"]):
+        assert ref == pytest.approx(ranks[1]["ref"][step], rel=1e-6)  # DDP: the same gradients everywhere
+        got = dict(zip(gn.loc[gn.step == step, "layer"].astype(str), gn.loc[gn.step == step, "value"]))
+        assert set(got) == set(ref)
+        names = sorted(ref)
+        np.testing.assert_allclose([got[n] for n in names], [ref[n] for n in names], rtol=1e-4)
