@@ -26,9 +26,6 @@ class _Hook:
     def __init__(self, rec: Recorder, index: int = -1):
         self.rec, self.index = rec, index
 
-    # torch.compile runs hooks eagerly instead of tracing into them: traced, their Python (graph task ids,
-    # id()-keyed caches) splits the model's graph and keeps recompiling it.
-    @torch.compiler.disable
     def __call__(self, *args):
         try:
             self.run(*args)
@@ -46,6 +43,16 @@ class _Hook:
         return _Disabled()
 
 
+class _ForwardHook(_Hook):
+    """A module hook. torch.compile runs it eagerly instead of tracing into it: traced, its Python (graph
+    task ids, id()-keyed caches) would split the model's graph and keep recompiling it. Parameter and
+    optimizer hooks run outside compiled graphs and skip the wrapper's cost."""
+
+    @torch.compiler.disable
+    def __call__(self, *args):
+        return super().__call__(*args)
+
+
 class _GradReady(_Hook):
     def run(self, param):
         self.rec.on_grad_ready()
@@ -60,22 +67,22 @@ class _GradIncoming(_Hook):
         self.param = param
 
 
-class _ForwardStart(_Hook):
+class _ForwardStart(_ForwardHook):
     def run(self, module, args):
         self.rec.on_forward_start(module.training, args)
 
 
-class _ModuleOutput(_Hook):
+class _ModuleOutput(_ForwardHook):
     def run(self, module, args, kwargs, out):
         self.rec.on_module_output(self.index, args, kwargs, out)
 
 
-class _ModuleInput(_Hook):
+class _ModuleInput(_ForwardHook):
     def run(self, module, args, kwargs):
         self.rec.on_module_input(args, kwargs)
 
 
-class _SafeOutput(_Hook):
+class _SafeOutput(_ForwardHook):
     """A SAFE_IN_FLOAT32 module: probed on detail steps (a weight made NaN by hand or by a checkpoint shows
     there), and whenever it computes in float16."""
 
@@ -84,12 +91,12 @@ class _SafeOutput(_Hook):
             self.rec.on_module_output(self.index, args, kwargs, out)
 
 
-class _ActivationOutput(_Hook):
+class _ActivationOutput(_ForwardHook):
     def run(self, module, args, out):
         self.rec.on_activation(self.index, args, out)
 
 
-class _PassThrough(_Hook):
+class _PassThrough(_ForwardHook):
     def run(self, module, args, out):
         self.rec.on_pass_through(args, out)
 
