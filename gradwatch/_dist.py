@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,9 +58,9 @@ def _everyone_watches(rank: int, world: int) -> bool:
         key = f"gradwatch/watch/{_generation}"
         store.add(f"{key}/joined", 1)
         if rank == 0:
-            deadline = _now() + JOIN_TIMEOUT_S
-            while store.add(f"{key}/joined", 0) < world and _now() < deadline:
-                _sleep(0.01)
+            deadline = time.monotonic() + JOIN_TIMEOUT_S
+            while store.add(f"{key}/joined", 0) < world and time.monotonic() < deadline:
+                time.sleep(0.01)
             merge = store.add(f"{key}/joined", 0) >= world
             store.set(f"{key}/merge", "1" if merge else "0")
             if not merge:
@@ -73,16 +74,6 @@ def _everyone_watches(rank: int, world: int) -> bool:
         log.warning("gradwatch: cannot coordinate ranks (%s: %s); each rank records alone and only rank 0 "
                     "writes.", type(e).__name__, e)
         return False
-
-
-def _now() -> float:
-    import time
-    return time.monotonic()
-
-
-def _sleep(s: float) -> None:
-    import time
-    time.sleep(s)
 
 
 def gather(flat: torch.Tensor, notes: list[float]) -> tuple[torch.Tensor, list[float], list[int]]:
@@ -147,7 +138,7 @@ def merge(block: np.ndarray, layout: list[tuple[str, int]], sharded: bool, ranks
 
     `ranks` names the ranks of the block's first axis. Returns the merged rows, their layout, and per
     step the rank to report for a non-finite value: the first whose forward probes or loss saw one,
-    else the first rank. Sharded runs send parts of norms (see `Recorder._weighted`), and the update
+    else the first rank. Sharded runs send parts of norms (see `Recorder.shard_weight_for`), and the update
     ratio as two parts; those become norms and the ratio here.
     """
     world, steps, _ = block.shape

@@ -41,11 +41,11 @@ class Site:
 class GradPlan:
     """How the squared norms of the parameters that have a .grad become per-layer norms and the total."""
 
-    present: tuple[int, ...] | None  # the params that have a .grad; None: all of them
     pair_param: torch.Tensor  # index into the present params, one entry per (param, layer) pair
     pair_layer: torch.Tensor
     gather: bool  # pair i is not simply present param i (tied weights, or a layer without grads)
     absent: torch.Tensor | None  # bool per layer: none of its parameters has a .grad this step
+    shard_weight: torch.Tensor | None  # sharded params: per present param, see Recorder.shard_weight_for
 
 
 @dataclass
@@ -56,7 +56,7 @@ class RatioSpec:
     pair_param: torch.Tensor  # index into params, one entry per (param, layer) pair
     pair_layer: torch.Tensor
     absent: torch.Tensor  # bool per layer: not measured by this spec
-    shard_weight: torch.Tensor | None = None  # sharded params: see Recorder._weighted
+    shard_weight: torch.Tensor | None = None  # sharded params: see Recorder.shard_weight_for
 
 
 @dataclass
@@ -85,16 +85,12 @@ class Recorder:
         self._shard_weight = None if weights is None else torch.tensor(weights, dtype=torch.float64,
                                                                         device=device)
         self.n_layers = len(mm.layers)
-        self._pair_param = torch.tensor(mm.param_of_pair, dtype=torch.long, device=device)
-        self._pair_layer = torch.tensor(mm.layer_of_pair, dtype=torch.long, device=device)
         self._plans: dict[tuple[int, ...], GradPlan] = {}
         self._full_plan = self._plan(tuple(range(len(mm.params))))
         self.recording = True
         self.detail = True  # a detail step: also grad max-abs and activation fractions (set by the Watcher)
         self.sites: list[Site] = []
         self._site_of: dict[tuple[int, int], Site] = {}
-        # No tied weights: pair i is param i, so per-parameter values need no gather.
-        self._pairs_are_params = mm.param_of_pair == list(range(len(mm.params)))
         self._tied = len(set(mm.param_of_pair)) < len(mm.param_of_pair)  # a parameter owned by two layers
         self.new_sites: list[Site] = []  # sites seen for the first time, not yet sent to the store
         self.first_error: Exception | None = None  # reported once by the Watcher as a GradwatchWarning
@@ -152,13 +148,14 @@ class Recorder:
             plan = self._plan(present)
         if self.sharded:
             grads = [_dist.local(g) for g in grads]
-        sq = self._weighted(stats.sq_norms(grads), plan.present)
+        sq = stats.sq_norms(grads)
+        if plan.shard_weight is not None:
+            sq = sq * plan.shard_weight
         layer_norm = stats.per_layer(sq[plan.pair_param] if plan.gather else sq, plan.pair_layer,
                                      self.n_layers, "sum").sqrt_()
         # Without tied weights the total is the root of the layers' squares, taken on the host at flush.
+        # (Sharded: the host merges the ranks' layer norms first, so the same holds.)
         total = sq.sum().sqrt() if self._tied else None
-        if self.sharded:  # the host sums the ranks' squares: this rank's part of each norm
-            total = sq.sum().sqrt()
         layer_max = None
         if self.cfg.grad_maxabs and self.detail:
             mx = stats.maxabs(grads)
@@ -175,11 +172,10 @@ class Recorder:
             layer_max = layer_max.masked_fill(plan.absent, ABSENT) if layer_max is not None else None
         self._grad = (layer_norm, layer_max, total, scale)
 
-    def _weighted(self, sq: torch.Tensor, present: tuple[int, ...] | None) -> torch.Tensor:
-        """Squared norms of local shards, scaled so that the sum over ranks is the full tensor's."""
-        if self._shard_weight is None:
-            return sq
-        return sq * (self._shard_weight if present is None else self._shard_weight[list(present)])
+    def shard_weight_for(self, params: list[int]) -> torch.Tensor | None:
+        """Sharded runs: per parameter, the factor that makes the sum over ranks of its local shard's squared
+        norm the full tensor's (see _dist.shard_weights); None otherwise."""
+        return None if self._shard_weight is None else self._shard_weight[params]
 
     def _plan(self, present: tuple[int, ...]) -> GradPlan:
         """How to turn the squared norms of the `present` params into per-layer ones; one per pattern."""
@@ -191,12 +187,12 @@ class Recorder:
         covered = {ly for _, ly in pairs}
         dev = self.device
         hit = GradPlan(
-            present=None if present == tuple(range(len(self.mm.params))) else present,
             pair_param=torch.tensor([p for p, _ in pairs], dtype=torch.long, device=dev),
             pair_layer=torch.tensor([ly for _, ly in pairs], dtype=torch.long, device=dev),
             gather=[p for p, _ in pairs] != list(range(len(present))),
             absent=None if len(covered) == self.n_layers else torch.tensor(
-                [ly not in covered for ly in range(self.n_layers)], dtype=torch.bool, device=dev))
+                [ly not in covered for ly in range(self.n_layers)], dtype=torch.bool, device=dev),
+            shard_weight=self.shard_weight_for(list(present)))
         self._plans[present] = hit
         return hit
 
@@ -399,10 +395,13 @@ class Recorder:
             if scale is not None:
                 put("loss_scale", scale)
         if weight_norm and self.mm.params:
+            plan = self._full_plan
             params = [_dist.local(p) for p in self.mm.params] if self.sharded else self.mm.params
-            w_sq = self._weighted(stats.sq_norms(params), None)
-            w_sq = w_sq if self._pairs_are_params else w_sq[self._pair_param]
-            put("weight_norm", stats.per_layer(w_sq, self._pair_layer, self.n_layers, "sum").sqrt_())
+            w_sq = stats.sq_norms(params)
+            if plan.shard_weight is not None:
+                w_sq = w_sq * plan.shard_weight
+            w_sq = w_sq[plan.pair_param] if plan.gather else w_sq
+            put("weight_norm", stats.per_layer(w_sq, plan.pair_layer, self.n_layers, "sum").sqrt_())
         if self._ratio is not None:
             put("update_ratio", self._ratio)
         if self._update_parts is not None:

@@ -251,28 +251,29 @@ class Watcher:
         if not self._rows:
             return
         rows, self._rows = self._rows, []
-        if not self._merging:
-            if self._writes:
-                self._writer.put(Chunk(rows, self._layout, sharded=self._rec.sharded))
+        if self._merging and self._flush_merged(rows, (now - last) / len(rows)):
             return
+        if self._writes:
+            self._writer.put(Chunk(rows, self._layout, sharded=self._rec.sharded))
+
+    def _flush_merged(self, rows: list, per_step: float) -> bool:
+        """The distributed flush, a collective: every rank's rows to rank 0, merged there. False if it
+        failed, and then this rank records alone from now on."""
         flats = [r.flat for r in rows if r.flat is not None]
         flat = torch.cat(flats) if flats else torch.zeros(0, device=self._rec.device)
         # Rank 0 picks how many recorded steps make `flush_every` seconds; every rank uses its pick.
-        per_step = (now - last) / len(rows)
         pick = min(MAX_ROWS_PER_FLUSH, max(1, round(self.config.flush_every / max(per_step, 1e-6))))
         try:
             world, (pick, halt), lengths = _dist.gather(flat, [pick, float(self._halt is not None)])
-        except Exception as e:  # noqa: BLE001 - a broken process group: record alone from now on
+        except Exception as e:  # noqa: BLE001 - a broken process group
             self._dist.merge = False
             log.warning("gradwatch: merging the ranks' statistics failed (%s: %s); from now on rank 0 records "
                         "its own numbers only.", type(e).__name__, e)
-            if self._writes:
-                self._writer.put(Chunk(rows, self._layout, sharded=self._rec.sharded))
-            return
+            return False
         self._flush_steps = int(pick)
         self._halt_everywhere = bool(halt)
         if not self._writes:
-            return
+            return True
         same = [r for r, n in enumerate(lengths) if n == lengths[0]]
         if len(same) < len(lengths) and not self._warned_ranks:
             self._warned_ranks = True
@@ -281,6 +282,7 @@ class Watcher:
                         [r for r in range(len(lengths)) if r not in same])
         self._writer.put(Chunk(rows, self._layout, world=world[same, : lengths[0]], ranks=same,
                                sharded=self._rec.sharded))
+        return True
 
     def _wait_written(self) -> None:
         """Block until everything already flushed is committed (used by the benchmarks)."""
@@ -364,7 +366,7 @@ class Watcher:
             pair_param=torch.tensor([p for p, _ in pairs], dtype=torch.long, device=device),
             pair_layer=torch.tensor([ly for _, ly in pairs], dtype=torch.long, device=device),
             absent=torch.tensor([i not in covered for i in range(len(mm.layers))], device=device),
-            shard_weight=self._rec._shard_weight[order] if self._rec.sharded else None,
+            shard_weight=self._rec.shard_weight_for(order),
         )
 
     def _meta(self, include, exclude) -> dict:
