@@ -133,19 +133,21 @@ def shard_weights(params: list[torch.Tensor], world: int) -> list[float] | None:
 
 # ---- merging the ranks' rows on rank 0 ------------------------------------------------------------
 
+_SHARD_NORMS = ("gnorm@", "wnorm@", "udelta@", "uweight@")  # per-parameter norms of the local shards
+
+
 def merge(block: np.ndarray, layout: list[tuple[str, int]], sharded: bool, ranks: np.ndarray):
     """Combine a [world, steps, width] block of rows, laid out by `layout`, into [steps, width'].
 
     `ranks` names the ranks of the block's first axis. Returns the merged rows, their layout, and per
     step the rank to report for a non-finite value: the first whose forward probes or loss saw one,
-    else the first rank. Sharded runs send parts of norms (see `Recorder.shard_weight_for`), and the update
-    ratio as two parts; those become norms and the ratio here.
+    else the first rank. Sharded runs send each parameter's norm over its local shard, weighted (see
+    `Recorder.shard_scale_for`); here they become the full parameters' norms.
     """
     world, steps, _ = block.shape
     out, names, c = [], [], 0
     with np.errstate(invalid="ignore", divide="ignore"):
         probe_rank = loss_rank = np.full(steps, -1)
-        parts = {}
         for name, n in layout:
             x = block[:, :, c: c + n].astype(np.float64)
             c += n
@@ -157,19 +159,15 @@ def merge(block: np.ndarray, layout: list[tuple[str, int]], sharded: bool, ranks
                 merged = x.mean(axis=0)
                 bad = ~np.isfinite(x[:, :, 0])
                 loss_rank = np.where(bad.any(axis=0), bad.argmax(axis=0), -1)
-            elif name.startswith(("unit_max@", "grad_maxabs", "grad_carry")):
+            elif name.startswith(("unit_max@", "gmax@", "grad_carry")):
                 merged = x.max(axis=0)  # NaN-propagating: a NaN on any rank stays visible
             elif name.startswith(("zero_fraction@", "saturation_fraction@")):
                 merged = x.mean(axis=0)  # counts; each rank's batch is the same size under DDP
-            elif sharded and name in ("grad_norm", "grad_total", "weight_norm", "update_delta", "update_weight"):
+            elif sharded and name.startswith(_SHARD_NORMS):
                 merged = np.sqrt(np.square(x).sum(axis=0))
             else:  # grads after DDP's all-reduce, learning rates, the loss scale: rank 0's
                 merged = x[0]
-            parts[name] = merged
             names.append((name, n))
             out.append(merged)
-        if "update_delta" in parts:
-            names.append(("update_ratio", parts["update_delta"].shape[1]))
-            out.append(parts["update_delta"] / parts["update_weight"])
     first = np.where(probe_rank >= 0, probe_rank, np.maximum(loss_rank, 0))
     return np.concatenate(out, axis=1).astype(np.float32), names, ranks[first]

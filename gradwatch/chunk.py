@@ -9,13 +9,14 @@ import itertools
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import _dist
-from .recorder import ABSENT, StepRow
+from ._pairs import PairMap
+from .recorder import StepRow
 from .store.schema import EVAL_FORWARD, FORWARD_NONFINITE, GRAD_CARRIED, GRAD_NONFINITE, LOSS_NONFINITE, ROOT_NAME
 from .store.writer import Rows
 
@@ -30,6 +31,7 @@ class RunLayout:
     n_sites: int = 0  # activation sites known so far; each chunk keeps the count it was created with
     rank: int | None = None
     last_event: tuple | None = None  # (phase, module) of the previous step's event; None after a clean step
+    maps: list[PairMap] = field(default_factory=list)  # the Recorder's: per-parameter values -> layers
 
 
 class Chunk:
@@ -94,25 +96,43 @@ class Chunk:
         has_loss = np.array(["loss" in cols or r.loss is not None for r in run])
         flags = np.zeros(len(run), dtype=np.int64)
         layer_bad = np.zeros((len(run), n_layers), dtype=bool)
-        grad_probe = None
-        if "grad_norm" in cols:
-            norm = cols["grad_norm"].copy()
-            absent = norm == ABSENT
+        grad_probe = total = None
+        if "loss_scale" in cols:  # recorded norms are of the scaled gradients
+            scale = cols["loss_scale"][:, :1].astype(np.float64)
+        else:
+            scale = np.ones((len(run), 1))
+        grad = self._field(cols, "gnorm@")
+        if grad is not None:
+            values, pm = grad
+            norm = pm.combine(values, "norm") / scale
+            total = pm.total(values) / scale[:, 0]
+            absent = np.broadcast_to(pm.absent, norm.shape)
+            maxabs = self._field(cols, "gmax@")
+            if maxabs is not None:
+                maxabs = maxabs[1].combine(maxabs[0], "max") / scale
+                self._put(out, "grad_maxabs", steps, maxabs)
             # NaN/Inf as measured. Without max |g| (not a detail step), a per-tensor norm past float32's range
-            # (about 1.8e19, whose square overflows inside the norm kernel) also reads inf: an explosion so
-            # far gone that it is reported with the non-finite ones.
-            grad_probe = cols.get("grad_maxabs", cols["grad_norm"])
+            # also reads inf: an explosion so far gone that it is reported with the non-finite ones.
+            grad_probe = maxabs if maxabs is not None else norm.copy()
             layer_bad = ~np.isfinite(grad_probe) & ~absent
-            norm[absent] = np.nan
             norm[layer_bad] = np.inf  # a NaN norm would read as "not measured"
             self._put(out, "grad_norm", steps, norm)
             self._put(out, "nonfinite", steps, np.where(absent, np.nan, layer_bad))
-            if "grad_maxabs" in cols:
-                self._put(out, "grad_maxabs", steps, np.where(absent, np.nan, cols["grad_maxabs"]))
             flags |= GRAD_NONFINITE * layer_bad.any(axis=1)
-        for metric in ("weight_norm", "update_ratio"):
-            if metric in cols:
-                self._put(out, metric, steps, cols[metric])
+        weight = self._field(cols, "wnorm@")
+        if weight is not None:
+            self._put(out, "weight_norm", steps, weight[1].combine(weight[0], "norm"))
+        ratio = None
+        for name in cols:
+            if name.startswith("udelta@"):
+                m = int(name.partition("@")[2])
+                pm = self.layout.maps[m]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    r = pm.combine(cols[name], "norm") / pm.combine(cols[f"uweight@{m}"], "norm")
+                # Two optimizers cover different layers; fmin keeps each one's numbers and ignores the NaNs.
+                ratio = r if ratio is None else np.fmin(ratio, r)
+        if ratio is not None:
+            self._put(out, "update_ratio", steps, ratio)
         self._site_rows(run, cols, steps, out)
         minmax = cols["probes"].reshape(len(run), -1, 2) if "probes" in cols else np.zeros((len(run), 0, 2))
         flags |= FORWARD_NONFINITE * ~np.isfinite(minmax).all(axis=(1, 2))
@@ -121,12 +141,6 @@ class Chunk:
         flags |= EVAL_FORWARD * np.array([r.eval_forward for r in run])
         if "grad_carry" in cols:
             flags |= GRAD_CARRIED * (cols["grad_carry"][:, 0] > 0)
-        total = None
-        if "grad_total" in cols:  # tied weights: measured on the device, each parameter counted once
-            total = cols["grad_total"][:, 0].astype(np.float64)
-        elif "grad_norm" in cols:
-            sq = np.square(cols["grad_norm"].astype(np.float64))
-            total = np.sqrt(np.where(cols["grad_norm"] == ABSENT, 0.0, sq).sum(axis=1))
         scale = cols["loss_scale"][:, 0] if "loss_scale" in cols else None
         for i, r in enumerate(run):
             lrs = [float(cols[f"lr@{g}"][i, 0]) if lr is None else lr for g, lr in enumerate(r.lrs)]
@@ -161,6 +175,13 @@ class Chunk:
             mat = np.full((len(run), self.n_sites), np.nan, dtype=np.float32)
             mat[:, sites] = raw
             self._put(out, metric, steps, mat)
+
+    def _field(self, cols: dict[str, np.ndarray], prefix: str) -> tuple[np.ndarray, PairMap] | None:
+        """The per-parameter field `prefix@map` of these rows, with its map; None when absent."""
+        for name, values in cols.items():
+            if name.startswith(prefix):
+                return values, self.layout.maps[int(name[len(prefix):])]
+        return None
 
     @staticmethod
     def _put(out: Rows, metric: str, steps: list[int], values: np.ndarray) -> None:

@@ -13,9 +13,9 @@ import torch
 
 from . import _dist, stats
 from ._model import ModelMap, is_nonnegative
+from ._pairs import PairMap
 
 MAX_SITES_PER_MODULE = 4  # calls of one activation module per forward kept apart; later ones share the last
-ABSENT = -1.0  # grad norm of a layer none of whose parameters has a .grad this step (norms are >= 0)
 MAX_PROBES_PER_STEP = 4096  # NaN tracing stops for the rest of a step past this many module calls
 _engine = torch.autograd.Variable._execution_engine
 # -1 outside backward. Inside it, a forward is activation-checkpoint recomputation, already counted.
@@ -39,13 +39,10 @@ class Site:
 
 @dataclass
 class GradPlan:
-    """How the squared norms of the parameters that have a .grad become per-layer norms and the total."""
+    """The parameters that have a .grad (one pattern of them): their PairMap, for the host's per-layer sums."""
 
-    pair_param: torch.Tensor  # index into the present params, one entry per (param, layer) pair
-    pair_layer: torch.Tensor
-    gather: bool  # pair i is not simply present param i (tied weights, or a layer without grads)
-    absent: torch.Tensor | None  # bool per layer: none of its parameters has a .grad this step
-    shard_weight: torch.Tensor | None  # sharded params: per present param, see Recorder.shard_weight_for
+    map: int  # index into Recorder.maps
+    shard_scale: torch.Tensor | None  # sharded params: per present param, see Recorder.shard_scale_for
 
 
 @dataclass
@@ -53,10 +50,8 @@ class RatioSpec:
     """The parameters whose update ratio one step measures, and the layers they belong to."""
 
     params: list[torch.Tensor]
-    pair_param: torch.Tensor  # index into params, one entry per (param, layer) pair
-    pair_layer: torch.Tensor
-    absent: torch.Tensor  # bool per layer: not measured by this spec
-    shard_weight: torch.Tensor | None = None  # sharded params: see Recorder.shard_weight_for
+    map: int  # index into Recorder.maps
+    shard_scale: torch.Tensor | None = None  # sharded params: see Recorder.shard_scale_for
 
 
 @dataclass
@@ -78,20 +73,19 @@ class StepRow:
 class Recorder:
     def __init__(self, mm: ModelMap, config, device: torch.device, scaler=None, world: int = 1):
         self.mm, self.cfg, self.device, self.scaler = mm, config, device, scaler
-        # FSDP/DTensor: each rank measures its own shards; squares carry 1/(ranks holding each element), so
-        # that summing them over the ranks at flush gives the full tensor's (see _dist.shard_weights).
+        # FSDP/DTensor: each rank measures its own shards; norms carry sqrt(1/(ranks holding each element)),
+        # so that summing their squares over the ranks at flush gives the full tensor's (_dist.shard_weights).
         weights = _dist.shard_weights(mm.params, world)
         self.sharded = weights is not None
-        self._shard_weight = None if weights is None else torch.tensor(weights, dtype=torch.float64,
-                                                                        device=device)
+        self._shard_scale = None if weights is None else torch.tensor(weights, device=device).sqrt()
         self.n_layers = len(mm.layers)
+        self.maps: list[PairMap] = []  # shared with the flush (RunLayout.maps): rows name their map by index
         self._plans: dict[tuple[int, ...], GradPlan] = {}
         self._full_plan = self._plan(tuple(range(len(mm.params))))
         self.recording = True
         self.detail = True  # a detail step: also grad max-abs and activation fractions (set by the Watcher)
         self.sites: list[Site] = []
         self._site_of: dict[tuple[int, int], Site] = {}
-        self._tied = len(set(mm.param_of_pair)) < len(mm.param_of_pair)  # a parameter owned by two layers
         self.new_sites: list[Site] = []  # sites seen for the first time, not yet sent to the store
         self.first_error: Exception | None = None  # reported once by the Watcher as a GradwatchWarning
         self._reset_step()
@@ -148,51 +142,30 @@ class Recorder:
             plan = self._plan(present)
         if self.sharded:
             grads = [_dist.local(g) for g in grads]
-        sq = stats.sq_norms(grads)
-        if plan.shard_weight is not None:
-            sq = sq * plan.shard_weight
-        layer_norm = stats.per_layer(sq[plan.pair_param] if plan.gather else sq, plan.pair_layer,
-                                     self.n_layers, "sum").sqrt_()
-        # Without tied weights the total is the root of the layers' squares, taken on the host at flush.
-        # (Sharded: the host merges the ranks' layer norms first, so the same holds.)
-        total = sq.sum().sqrt() if self._tied else None
-        layer_max = None
-        if self.cfg.grad_maxabs and self.detail:
-            mx = stats.maxabs(grads)
-            layer_max = stats.per_layer(mx[plan.pair_param] if plan.gather else mx, plan.pair_layer,
-                                        self.n_layers, "amax")
-        scale = self._scale()
-        if scale is not None:  # grads are scaled by the GradScaler until it unscales them
-            inv = scale.double().reciprocal()
-            layer_norm = layer_norm * inv
-            total = total * inv if total is not None else None
-            layer_max = layer_max * inv if layer_max is not None else None
-        if plan.absent is not None:
-            layer_norm = layer_norm.masked_fill(plan.absent, ABSENT)
-            layer_max = layer_max.masked_fill(plan.absent, ABSENT) if layer_max is not None else None
-        self._grad = (layer_norm, layer_max, total, scale)
+        # One norm per parameter and nothing else on the device: the scale, the per-layer sums and the
+        # total are taken on the host at flush (chunk.py), where they cost no device op per step.
+        mx = stats.maxabs(grads) if self.cfg.grad_maxabs and self.detail else None
+        self._grad = (plan, stats.norms(grads), mx, self._scale())
 
-    def shard_weight_for(self, params: list[int]) -> torch.Tensor | None:
+    def add_map(self, pair_param: list[int], pair_layer: list[int], n_params: int) -> int:
+        """Register how `n_params` measured parameters belong to layers; rows name it by the index returned."""
+        self.maps.append(PairMap(pair_param, pair_layer, n_params, self.n_layers))
+        return len(self.maps) - 1
+
+    def shard_scale_for(self, params: list[int]) -> torch.Tensor | None:
         """Sharded runs: per parameter, the factor that makes the sum over ranks of its local shard's squared
-        norm the full tensor's (see _dist.shard_weights); None otherwise."""
-        return None if self._shard_weight is None else self._shard_weight[params]
+        norm, times this factor squared, the full tensor's (see _dist.shard_weights); None otherwise."""
+        return None if self._shard_scale is None else self._shard_scale[params]
 
     def _plan(self, present: tuple[int, ...]) -> GradPlan:
-        """How to turn the squared norms of the `present` params into per-layer ones; one per pattern."""
+        """The GradPlan of the `present` params (those with a .grad); one per pattern, made once."""
         hit = self._plans.get(present)
         if hit is not None:
             return hit
         where = {p: i for i, p in enumerate(present)}
         pairs = [(where[p], ly) for p, ly in zip(self.mm.param_of_pair, self.mm.layer_of_pair) if p in where]
-        covered = {ly for _, ly in pairs}
-        dev = self.device
-        hit = GradPlan(
-            pair_param=torch.tensor([p for p, _ in pairs], dtype=torch.long, device=dev),
-            pair_layer=torch.tensor([ly for _, ly in pairs], dtype=torch.long, device=dev),
-            gather=[p for p, _ in pairs] != list(range(len(present))),
-            absent=None if len(covered) == self.n_layers else torch.tensor(
-                [ly not in covered for ly in range(self.n_layers)], dtype=torch.bool, device=dev),
-            shard_weight=self.shard_weight_for(list(present)))
+        hit = GradPlan(self.add_map([p for p, _ in pairs], [ly for _, ly in pairs], len(present)),
+                       self.shard_scale_for(list(present)))
         self._plans[present] = hit
         return hit
 
@@ -200,7 +173,8 @@ class Recorder:
         s = self.scaler
         if s is None or not s.is_enabled() or getattr(s, "_scale", None) is None:
             return None
-        return s._scale.reshape(()).float().clone()
+        # A copy: the scaler updates its scale in place before the step row is built.
+        return s._scale.reshape(()).clone()
 
     # ---- forward: activations and NaN tracing ----------------------------------------------------
     def on_forward_start(self, training: bool, args: tuple) -> None:
@@ -241,8 +215,10 @@ class Recorder:
             site.calls += 1
             if site.unit_max is None or site.unit_max.shape != m.shape:
                 site.unit_max = m  # a new unit count starts a new window for this site
-            else:
-                torch.maximum(site.unit_max, m, out=site.unit_max)
+                self._unit_max.pop(site.index, None)
+            else:  # folded into the window's running max by one op for every site, in finish_step
+                prev = self._unit_max.get(site.index)
+                self._unit_max[site.index] = m if prev is None else torch.maximum(prev, m)
             if not self.detail:  # the step's zero and saturation fractions are detail stats
                 return
             cnt, n = stats.positive_count(out, nonnegative=is_nonnegative(act.module))
@@ -347,21 +323,8 @@ class Recorder:
 
     def _measure_update(self, spec: RatioSpec, before: list[torch.Tensor]) -> None:
         after = [_dist.local(p) for p in spec.params]
-        delta_sq = stats.sq_norms(torch._foreach_sub(after, before))
-        w_sq = stats.sq_norms(before)
-        if self.sharded:
-            delta_sq, w_sq = delta_sq * spec.shard_weight, w_sq * spec.shard_weight
-        d = stats.per_layer(delta_sq[spec.pair_param], spec.pair_layer, self.n_layers, "sum")
-        w = stats.per_layer(w_sq[spec.pair_param], spec.pair_layer, self.n_layers, "sum")
-        if self.sharded:  # the host sums both parts over the ranks, then divides
-            nan = float("nan")
-            d, w = d.sqrt().masked_fill(spec.absent, nan), w.sqrt().masked_fill(spec.absent, nan)
-            self._update_parts = (d, w) if self._update_parts is None else \
-                (torch.fmax(self._update_parts[0], d), torch.fmax(self._update_parts[1], w))
-            return
-        ratio = (d / w).sqrt().masked_fill(spec.absent, float("nan"))
-        # Two optimizers cover different layers; fmin keeps each one's numbers and ignores the NaNs.
-        self._ratio = ratio if self._ratio is None else torch.fmin(self._ratio, ratio)
+        # Per parameter ||dw|| and ||w||; the host sums them per layer (and over ranks) and divides.
+        self._updates.append((spec, stats.norms(torch._foreach_sub(after, before)), stats.norms(before)))
 
     # ---- step close-out ---------------------------------------------------------------------------
     def finish_step(self, step: int, loss, window_end: bool, weight_norm: bool) -> StepRow:
@@ -370,74 +333,58 @@ class Recorder:
             return self._finish_step(step, loss, window_end, weight_norm)
 
     def _finish_step(self, step: int, loss, window_end: bool, weight_norm: bool) -> StepRow:
-        layout: list[tuple[str, int]] = []
-        parts: list[torch.Tensor] = []
-
-        def put(name: str, t: torch.Tensor) -> None:
-            # Mixed dtypes are fine: cat promotes them, and the row becomes float32 in one op at the end.
-            if t.dim() != 1:
-                t = t.reshape(-1)
-            layout.append((name, t.numel()))
-            parts.append(t if t.device == self.device else t.to(self.device, non_blocking=True))
-
+        row = _RowParts(self.device)
         host_loss = None
         if isinstance(loss, torch.Tensor):
-            put("loss", loss)
+            row.scalars("loss", [loss])
         elif loss is not None:
             host_loss = float(loss)
         if self._grad is not None:
-            layer_norm, layer_max, total, scale = self._grad
-            put("grad_norm", layer_norm)
-            if total is not None:
-                put("grad_total", total)
+            plan, norms, layer_max, scale = self._grad
+            row.per_param(f"gnorm@{plan.map}", norms, plan.shard_scale)
             if layer_max is not None:
-                put("grad_maxabs", layer_max)
-            if scale is not None:
-                put("loss_scale", scale)
+                row.vector(f"gmax@{plan.map}", layer_max)
+            if scale is not None:  # the host divides by it: grads are scaled until the scaler unscales them
+                row.scalars("loss_scale", [scale])
         if weight_norm and self.mm.params:
             plan = self._full_plan
             params = [_dist.local(p) for p in self.mm.params] if self.sharded else self.mm.params
-            w_sq = stats.sq_norms(params)
-            if plan.shard_weight is not None:
-                w_sq = w_sq * plan.shard_weight
-            w_sq = w_sq[plan.pair_param] if plan.gather else w_sq
-            put("weight_norm", stats.per_layer(w_sq, plan.pair_layer, self.n_layers, "sum").sqrt_())
-        if self._ratio is not None:
-            put("update_ratio", self._ratio)
-        if self._update_parts is not None:
-            put("update_delta", self._update_parts[0])
-            put("update_weight", self._update_parts[1])
+            row.per_param(f"wnorm@{plan.map}", stats.norms(params), plan.shard_scale)
+        for spec, delta, weight in self._updates:
+            row.per_param(f"udelta@{spec.map}", delta, spec.shard_scale)
+            row.per_param(f"uweight@{spec.map}", weight, spec.shard_scale)
+        if self._unit_max:
+            pending = [(self.sites[i].unit_max, m) for i, m in self._unit_max.items()]
+            torch._foreach_maximum_([t for t, _ in pending], [m for _, m in pending])
         row_sites: dict[str, list[tuple[int, int]]] = {}
         for site in (self.sites[i] for i in sorted(self._active_sites)):
             if site.pos is not None and site.numel:
                 metric = "zero_fraction" if site.kind == "relu" else "saturation_fraction"
-                put(f"{metric}@{site.index}", site.pos)
+                row.scalars(f"{metric}@{site.index}", [site.pos])
                 row_sites.setdefault(metric, []).append((site.index, site.numel))
             site.pos, site.numel = None, 0
         if window_end:
             for site in self.sites:
                 if site.unit_max is not None:  # the host takes the fraction, after the max over ranks
-                    put(f"unit_max@{site.index}", site.unit_max)
+                    row.vector(f"unit_max@{site.index}", site.unit_max)
                     row_sites.setdefault("dead_fraction", []).append((site.index, site.unit_max.numel()))
                     site.unit_max = None
         if self._carry is not None:
-            put("grad_carry", self._carry)
+            row.scalars("grad_carry", [self._carry])
         if self._probes:
-            put("probes", torch.stack(self._probes))
+            row.scalars("probes", self._probes)
         lrs: list[float | None] = []
         for i, lr in enumerate(self.lrs):
             if isinstance(lr, torch.Tensor):  # a capturable/tensor lr stays on device until the flush
-                put(f"lr@{i}", lr)
+                row.scalars(f"lr@{i}", [lr.reshape(())])
                 lrs.append(None)
             else:
                 lrs.append(float("nan") if lr is None else float(lr))
-        flat = torch.cat(parts) if parts else None  # a copy: the row aliases nothing that changes later
-        if flat is not None and flat.dtype != torch.float32:
-            flat = flat.float()
-        row = StepRow(step, time.time(), host_loss, lrs, None, layout, flat, row_sites, self._trace,
+        layout, flat = row.build()
+        out = StepRow(step, time.time(), host_loss, lrs, None, layout, flat, row_sites, self._trace,
                       self.eval_forward)
         self._reset_step()
-        return row
+        return out
 
     def skip_step(self) -> None:
         """A step that is not recorded: drop whatever the optimizer hooks noted."""
@@ -453,12 +400,56 @@ class Recorder:
         self._probes: list[torch.Tensor] = []
         self._trace: list[tuple[int, tuple[int, ...], int]] = []
         self._snap: dict[int, list[torch.Tensor]] = {}
-        self._ratio: torch.Tensor | None = None
-        self._update_parts: tuple[torch.Tensor, torch.Tensor] | None = None  # sharded: this rank's ||dw||, ||w||
+        self._updates: list[tuple[RatioSpec, list[torch.Tensor], list[torch.Tensor]]] = []  # (spec, ||dw||, ||w||)
+        self._unit_max: dict[int, torch.Tensor] = {}  # site -> this step's unit maxima, not yet in its window
         self.stepped = False
         self.eval_forward = False  # a grad-enabled forward ran with the model in eval() mode
         self.lrs: list = []
         self._calls = [0] * len(self.mm.activations)
+
+
+class _RowParts:
+    """One step's device values, gathered into one flat vector by one or two ops.
+
+    Most of a row is 0-dim tensors (the loss, a norm per parameter, NaN probes, counts): they are stacked
+    in one op instead of being reshaped, combined and concatenated piece by piece, since on a CPU loop
+    every small op costs as much as reading a large gradient.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._scalars: list[torch.Tensor] = []
+        self._scalar_layout: list[tuple[str, int]] = []
+        self._vectors: list[torch.Tensor] = []
+        self._vector_layout: list[tuple[str, int]] = []
+
+    def _here(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.device else t.to(self.device, non_blocking=True)
+
+    def scalars(self, name: str, values: list[torch.Tensor]) -> None:
+        self._scalar_layout.append((name, len(values)))
+        self._scalars.extend(self._here(v if v.dim() == 0 else v.reshape(())) for v in values)
+
+    def vector(self, name: str, t: torch.Tensor) -> None:
+        t = t.reshape(-1)
+        self._vector_layout.append((name, t.numel()))
+        self._vectors.append(self._here(t))
+
+    def per_param(self, name: str, norms: list[torch.Tensor], shard_scale: torch.Tensor | None) -> None:
+        if shard_scale is None:
+            self.scalars(name, norms)
+        else:
+            self.vector(name, torch.stack(norms) * shard_scale)
+
+    def build(self) -> tuple[list[tuple[str, int]], torch.Tensor | None]:
+        parts = ([torch.stack(self._scalars)] if self._scalars else []) + self._vectors
+        if not parts:
+            return [], None
+        # cat copies, and so does stack: the row aliases nothing that changes later (a lone vector would).
+        flat = torch.cat(parts) if len(parts) > 1 or not self._scalars else parts[0]
+        if flat.dtype != torch.float32:  # mixed dtypes promote in stack/cat; one conversion here
+            flat = flat.float()
+        return self._scalar_layout + self._vector_layout, flat
 
 
 def _input_tensors(args: tuple, kwargs: dict | None) -> list[torch.Tensor]:

@@ -25,18 +25,25 @@ UNIT_SAMPLE = 1 << 16  # a dead-unit check reads about this many elements of a b
 _INF = float("inf")
 
 
-def sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Squared L2 norm of each tensor, as one float64 vector on the tensors' device. Call under no_grad.
+def norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """L2 norm of each tensor, as 0-dim float32 tensors on the tensors' device. Call under no_grad.
 
     One `_foreach_norm` call: a fused kernel on CUDA, and on CPU one dispatch for all tensors, which beats
-    a dot per tensor once there are more than a few (each CPU op costs ~10-20 us of dispatch and thread
-    wake-up in a real training loop). The norms come out in float32, so bf16 keeps float32 accuracy and an
-    fp16 norm above 65504 stays finite; they are squared in float64, where a finite norm of 1e20 (an
-    exploding gradient, not a non-finite one) squares without overflowing.
+    a norm per tensor once there are more than a few (each CPU op costs ~10-30 us of dispatch and cold
+    caches in a real training loop). The kernel accumulates in float32 or wider, so bf16 keeps float32
+    accuracy and an fp16 norm above 65504 stays finite. The results stay separate: the caller stacks them
+    with the rest of its step row in one op, and the host combines them into per-layer norms in float64
+    (see `chunk.PairMap`), where a layer whose per-tensor norms fit float32 but whose summed squares do
+    not still reads exact.
     """
     dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
-    norms = torch.stack(torch._foreach_norm(dense, 2, dtype=torch.float32)).double()
-    return norms * norms
+    dtypes = {t.dtype for t in dense}
+    if dtypes <= {torch.float32, torch.float64}:  # float64 ones stay exact until the row's one conversion
+        return list(torch._foreach_norm(dense, 2))
+    if torch.float64 not in dtypes:
+        return list(torch._foreach_norm(dense, 2, dtype=torch.float32))
+    return [torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+            for t in dense]
 
 
 def maxabs(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -47,14 +54,6 @@ def maxabs(tensors: list[torch.Tensor]) -> torch.Tensor:
     # The CPU inf-norm kernel is 10x slower than aminmax, which reads each tensor once.
     lows, highs = zip(*(torch.aminmax(t) for t in dense))
     return torch.maximum(torch.stack(highs), torch.stack(lows).neg_()).float()
-
-
-def per_layer(values: torch.Tensor, index: torch.Tensor, n_layers: int, reduce: str) -> torch.Tensor:
-    """Combine per-parameter values into per-layer ones: `reduce` is "sum" or "amax"."""
-    out = torch.zeros(n_layers, dtype=values.dtype, device=values.device)
-    if reduce == "sum":
-        return out.index_add_(0, index, values)
-    return out.scatter_reduce_(0, index, values, "amax", include_self=False)
 
 
 def finite_probe(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -67,6 +67,7 @@ class Watcher:
             layer_of_traced={traced_ids[id(ly.module)]: i for i, ly in enumerate(mm.layers)
                              if id(ly.module) in traced_ids},
             rank=None if dist is None else dist.rank,
+            maps=self._rec.maps,
         )
         self._flush_steps = DIST_FIRST_FLUSH  # distributed: recorded steps per flush, set by rank 0
         self._halt = None  # distributed: a finding under halt_on, waiting for the next flush to stop every rank
@@ -346,7 +347,7 @@ class Watcher:
         return groups
 
     def _build_spec(self, layers: list[int], optimizer) -> RatioSpec | None:
-        mm, device = self._mm, self._rec.device
+        mm = self._mm
         owned = None if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
         wanted = set(layers)
         params, where, pairs, order = [], {}, [], []
@@ -360,14 +361,9 @@ class Watcher:
                 pairs.append((where[p_idx], l_idx))
         if not params:
             return None
-        covered = {ly for _, ly in pairs}
-        return RatioSpec(
-            params=params,
-            pair_param=torch.tensor([p for p, _ in pairs], dtype=torch.long, device=device),
-            pair_layer=torch.tensor([ly for _, ly in pairs], dtype=torch.long, device=device),
-            absent=torch.tensor([i not in covered for i in range(len(mm.layers))], device=device),
-            shard_weight=self._rec.shard_weight_for(order),
-        )
+        rec = self._rec
+        return RatioSpec(params, rec.add_map([p for p, _ in pairs], [ly for _, ly in pairs], len(params)),
+                         rec.shard_scale_for(order))
 
     def _meta(self, include, exclude) -> dict:
         return {

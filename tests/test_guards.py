@@ -22,7 +22,7 @@ def _train(model, gw, steps=6):
     return losses
 
 
-@pytest.mark.parametrize("broken", ["unit_max", "sq_norms", "finite_probe"])
+@pytest.mark.parametrize("broken", ["unit_max", "norms", "finite_probe"])
 def test_internal_error_warns_once_and_training_goes_on(tmp_path, monkeypatch, broken):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
