@@ -87,8 +87,38 @@ class _SafeOutput(_ForwardHook):
     there), and whenever it computes in float16."""
 
     def run(self, module, args, kwargs, out):
-        if self.rec.detail or (isinstance(out, torch.Tensor) and out.dtype == torch.float16):
+        half = isinstance(out, torch.Tensor) and out.dtype == torch.float16
+        if half:
+            self.rec.half_seen = True
+        if self.rec.detail or half:
             self.rec.on_module_output(self.index, args, kwargs, out)
+
+
+class SafeProbes:
+    """The SAFE_IN_FLOAT32 modules' output hooks, registered only for the steps that use them.
+
+    Most steps probe none of these modules (see `_SafeOutput`), and a hook that returns at once still
+    costs its module the fast call path: 5-10 us a call, a visible share of a small model's step. So they
+    are registered for detail steps only, or for good once a float16 output was seen. Under torch.compile
+    Dynamo does not guard on submodules' hooks and keeps calling those it compiled with, which then
+    return at once as before; the root module's hook, which Dynamo does guard on, stays registered.
+    """
+
+    def __init__(self, rec: Recorder, mm: ModelMap):
+        self._rec = rec
+        self._hooks = [(m, _SafeOutput(rec, i)) for i, (_, m) in enumerate(mm.traced)
+                       if i in mm.safe and i != mm.root_traced]
+        self._handles: list = []
+
+    def want(self, on: bool) -> None:
+        """Register the hooks (`on`) or remove them, if they are not so already."""
+        if on and not self._handles:
+            self._handles = [m.register_forward_hook(h, with_kwargs=True) for m, h in self._hooks]
+        elif not on and self._handles:
+            remove(self._handles)
+
+    def close(self) -> None:
+        self.want(False)
 
 
 class _ActivationOutput(_ForwardHook):
@@ -134,10 +164,10 @@ def install(model: nn.Module, mm: ModelMap, rec: Recorder, cfg, optimizers: list
         if cfg.activations:
             handles += [a.module.register_forward_hook(_ActivationOutput(rec, i))
                         for i, a in enumerate(mm.activations)]
-        if cfg.trace_nonfinite:
+        if cfg.trace_nonfinite:  # the safe modules' hooks, but the root's, are SafeProbes'
             handles += [m.register_forward_hook((_SafeOutput if i in mm.safe else _ModuleOutput)(rec, i),
                                                 with_kwargs=True)
-                        for i, (_, m) in enumerate(mm.traced)]
+                        for i, (_, m) in enumerate(mm.traced) if i not in mm.safe or i == mm.root_traced]
             # Inputs are judged before the module runs: one that modifies them in place is still caught.
             handles += [m.register_forward_pre_hook(_ModuleInput(rec), with_kwargs=True)
                         for i, (_, m) in enumerate(mm.traced) if i not in mm.safe and i != mm.root_traced]

@@ -84,6 +84,9 @@ class Recorder:
         self._full_plan = self._plan(tuple(range(len(mm.params))))
         self.recording = True
         self.detail = True  # a detail step: also grad max-abs and activation fractions (set by the Watcher)
+        # A float16 output or model: affine maps can overflow, so the safe modules are probed on every step.
+        self.half_seen = any(p.dtype == torch.float16 for p in mm.params) or bool(
+            scaler is not None and scaler.is_enabled())
         self.sites: list[Site] = []
         self._site_of: dict[tuple[int, int], Site] = {}
         self.new_sites: list[Site] = []  # sites seen for the first time, not yet sent to the store

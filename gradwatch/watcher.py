@@ -91,12 +91,14 @@ class Watcher:
             self._writer = NullWriter()
         self._writer.put(Rows(series=[("layer", i, ly.name, type(ly.module).__name__, ly.n_params)
                                       for i, ly in enumerate(mm.layers)]))
+        self._safe = hooks.SafeProbes(self._rec, mm) if config.trace_nonfinite and not self._passive else None
         try:
             self._handles = [] if self._passive else hooks.install(model, mm, self._rec, config, optimizers, self)
         except BaseException:
             self._writer.close(Rows(meta={"status": "crashed", "end_time": time.time()}))
             raise
         self._rec.detail = self._detail_due()
+        self._want_safe_probes()
         if not optimizers and self._ratio_due():
             self._rec.snapshot(0, self._spec(None))  # so that step 0 has an update ratio too
         self._last_flush = time.monotonic()
@@ -138,6 +140,7 @@ class Watcher:
         rec.recording = self._step % self.config.every == 0
         rec.detail = rec.recording and self._detail_due()
         try:
+            self._want_safe_probes()
             if not self._optimizers and rec.recording and self._ratio_due():
                 rec.snapshot(0, self._spec(None))  # no optimizer hook to wrap the update: copy now
             if self._merging:  # every rank flushes at the same step: the flush is a collective
@@ -193,6 +196,8 @@ class Watcher:
             # could hang. Rank 0 writes what it has; the others drop theirs.
             self._dist.merge = False
         try:
+            if self._safe is not None:
+                self._safe.close()
             hooks.remove(self._handles)
         finally:
             try:
@@ -311,6 +316,11 @@ class Watcher:
                 f"gradwatch hit an internal error and skips what it could not measure; training goes on "
                 f"({type(internal).__name__}: {internal}). Please report it with your model's structure."),
                 stacklevel=3)
+
+    def _want_safe_probes(self) -> None:
+        if self._safe is not None:
+            rec = self._rec
+            self._safe.want(rec.recording and (rec.detail or rec.half_seen))
 
     def _detail_due(self) -> bool:
         """This recorded step also takes the weight norm, grad max-abs and update ratio."""

@@ -397,3 +397,31 @@ def test_large_gradient_norms_combine_without_overflow(tmp_path):
     assert run.wide("grad_norm").iloc[0]["(root)"] == pytest.approx(math.hypot(1.5e19, 1.5e19), rel=1e-6)
     assert run.steps["grad_norm"].iloc[0] == pytest.approx(math.hypot(1.5e19, 1.5e19), rel=1e-6)
     assert not run.steps["nonfinite"].any() and run.events.empty
+
+
+def test_safe_modules_carry_a_hook_only_on_the_steps_that_probe_them(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gw = gradwatch.watch(model, optimizer=opt, run_dir=tmp_path / "run", detail_every=3, detect_every=0)
+    hooked = []
+    for _ in range(7):
+        hooked.append(len(model[0]._forward_hooks))  # what the coming step's forward will run with
+        loss = model(torch.randn(5, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        gw.step(loss)
+    gw.close()
+    assert hooked == [1, 0, 0, 1, 0, 0, 1]
+    assert len(model[0]._forward_hooks) == 0 and len(model[1]._forward_hooks) == 0
+
+
+def test_a_float16_output_keeps_the_safe_modules_probed_on_every_step(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    gw = gradwatch.watch(model, run_dir=tmp_path / "run", detail_every=5, detect_every=0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        for _ in range(3):
+            model(torch.randn(5, 4)).float().pow(2).mean().backward()
+            gw.step()
+            assert len(model[0]._forward_hooks) == 1
+    gw.close()
