@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _configs import Config  # noqa: E402
+from _configs import Config, Gradwatch  # noqa: E402
 from _harness import make_session, run_interleaved, summarize, summarize_baseline, warm_up_and_size_block  # noqa: E402
 from _workloads import WORKLOADS  # noqa: E402
 
@@ -40,23 +40,16 @@ def extract_revision(rev: str, into: Path) -> None:
 
 
 def watched(module_name: str, grads_only: bool) -> type[Config]:
-    class Watched(Config):
+    """The `gradwatch` row of `_configs`, watching with the package `module_name` instead."""
+
+    class Watched(Gradwatch):
         name = module_name
 
         def attach(self, model, optimizer, run_dir):
-            super().attach(model, optimizer, run_dir)
+            Config.attach(self, model, optimizer, run_dir)
             gw_mod = __import__(module_name)
             cfg = gw_mod.WatchConfig.grad_norms_only() if grads_only else gw_mod.WatchConfig()
             self.gw = gw_mod.watch(model, optimizer=optimizer, run_dir=run_dir, config=cfg, detect_every=0)
-
-        def after_step(self, loss):
-            self.gw.step(loss)
-
-        def end_block(self):
-            self.gw._wait_written()
-
-        def close(self):
-            self.gw.close()
 
     return Watched
 
