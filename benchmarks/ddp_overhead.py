@@ -3,6 +3,7 @@
     python benchmarks/ddp_overhead.py            # full run, ~3 min on 2 CPU cores
     python benchmarks/ddp_overhead.py --quick    # smoke run, < 90 s
     python benchmarks/ddp_overhead.py --markdown out.md --json out.json
+    python benchmarks/ddp_overhead.py --against 693aa48   # baseline row: that revision's gradwatch
 
 Method: the script spawns 2 processes (torch.multiprocessing, gloo backend on localhost), each
 with `torch.set_num_threads(1)` so that 2 processes fill 2 cores. Each process builds one
@@ -47,6 +48,7 @@ from _harness import (  # noqa: E402
     warm_up_and_size_block,
 )
 from _workloads import WORKLOADS  # noqa: E402
+from compare_revision import extract_revision, watched  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 WORLD = 2
@@ -62,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", choices=list(ROWS), default=["gradwatch"],
                    help="rows besides the plain DDP step (default: gradwatch)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each process (default 1)")
+    p.add_argument("--against", metavar="REV", default=None,
+                   help="make the baseline row gradwatch at git revision REV (see compare_revision.py), so that "
+                        "the gradwatch row reads as this checkout vs REV")
     return _report.parse_checked(p, argv, quick={"rounds": 3, "block": 2, "warmup": 3})
 
 
@@ -71,12 +76,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _session(workload, name: str, run_dir: Path) -> Session:
+def _session(workload, name: str, run_dir: Path, against: bool) -> Session:
     # Deepcopy before DDP and before any tool attaches: identical weights, no hooks shared between rows.
     model = DDP(copy.deepcopy(workload.model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=workload.lr)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = CONFIGS[name]()
+    config = watched("gradwatch_rev", False)() if against and name == "baseline" else CONFIGS[name]()
     config.attach(model, optimizer, run_dir)
     return Session(config, workload)
 
@@ -94,7 +99,8 @@ def bench_workload(wname: str, rank: int, args: argparse.Namespace, boot_rng: np
     # Each rank its own batch order, as a DistributedSampler gives each rank its own shard.
     workload.batches = workload.batches[rank:] + workload.batches[:rank]
     # The run_dir differs per rank so that watch() works whether or not every rank writes a store.
-    sessions = {n: _session(workload, n, tmp / wname / n / f"rank{rank}") for n in ["baseline", *args.configs]}
+    sessions = {n: _session(workload, n, tmp / wname / n / f"rank{rank}", args.against is not None)
+                for n in ["baseline", *args.configs]}
     try:
         # Each rank times its own first block: both use rank 0's size.
         block = _agree(warm_up_and_size_block(sessions, args.warmup, args.block, BLOCK_TARGET_S, dist.barrier))
@@ -125,6 +131,8 @@ def bench_workload(wname: str, rank: int, args: argparse.Namespace, boot_rng: np
 
 def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    if args.rev_path:
+        sys.path.insert(0, args.rev_path)
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -144,10 +152,11 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
         dist.destroy_process_group()
 
 
-def caption(info: dict) -> str:
+def caption(info: dict, against: str | None) -> str:
+    reference = "the plain DDP step" if against is None else f"gradwatch at {against} on the same DDP model"
     return (f"Overhead per DDP training step, {info['world_size']} CPU processes ({info['backend']}), "
             f"torch.set_num_threads({info['threads_per_process']}) each, torch {info['torch']} "
-            f"({info['cpu_count']} CPUs). Median of paired block ratios vs. the plain DDP step "
+            f"({info['cpu_count']} CPUs). Median of paired block ratios vs. {reference} "
             "[bootstrap 95% CI]; amortized = total time ratio.")
 
 
@@ -165,6 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.configs:
         print(f"  {name:<18}{CONFIGS[name].note}, on the DDP model, run_dir=<run>/rank<r>")
     with tempfile.TemporaryDirectory() as tmp:
+        args.rev_path = None
+        if args.against:
+            args.rev_path = str(Path(tmp) / "rev")
+            extract_revision(args.against, Path(args.rev_path))
+            print(f"  the baseline row is gradwatch at {args.against}: the gradwatch row reads as this "
+                  f"checkout vs {args.against}")
         out = Path(tmp) / "rank0.json"
         mp.spawn(_worker, args=(_free_port(), args, str(out)), nprocs=WORLD, join=True)
         got = json.loads(out.read_text())
@@ -173,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     for res in results:
         _report.print_time_table(res, label_width=20, baseline_label="DDP baseline (A/A)",
                                  others="processes outside this benchmark")
-    md = _report.markdown(caption(info), results)
+    md = _report.markdown(caption(info, args.against), results)
     _report.write_outputs(args, md, {"machine": info, "args": vars(args),
                                      "configs": {n: CONFIGS[n].note for n in args.configs}, "results": results})
 
