@@ -16,12 +16,12 @@ class PairMap:
     parameters was measured (no .grad this step, or owned by another optimizer) reads NaN.
     """
 
-    def __init__(self, pair_param: list[int], pair_layer: list[int], n_params: int, n_layers: int):
+    def __init__(self, pair_param: list[int], pair_layer: list[int], n_layers: int):
         order = np.argsort(np.asarray(pair_layer, dtype=np.int64), kind="stable")
         self.param = np.asarray(pair_param, dtype=np.int64)[order]
         layer = np.asarray(pair_layer, dtype=np.int64)[order]
         self.layers, self.starts = np.unique(layer, return_index=True)
-        self.n_params, self.n_layers = n_params, n_layers
+        self.n_layers = n_layers
         self.absent = np.ones(n_layers, dtype=bool)
         self.absent[self.layers] = False
 

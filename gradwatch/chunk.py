@@ -97,19 +97,18 @@ class Chunk:
         flags = np.zeros(len(run), dtype=np.int64)
         layer_bad = np.zeros((len(run), n_layers), dtype=bool)
         grad_probe = total = None
-        if "loss_scale" in cols:  # recorded norms are of the scaled gradients
-            scale = cols["loss_scale"][:, :1].astype(np.float64)
-        else:
-            scale = np.ones((len(run), 1))
+        scale = cols["loss_scale"][:, 0] if "loss_scale" in cols else None
+        # Recorded gradient norms are of the scaled gradients; the flush unscales them.
+        unscale = np.ones((len(run), 1)) if scale is None else scale[:, None].astype(np.float64)
         grad = self._field(cols, "gnorm@")
         if grad is not None:
             values, pm = grad
-            norm = pm.combine(values, "norm") / scale
-            total = pm.total(values) / scale[:, 0]
+            norm = pm.combine(values, "norm") / unscale
+            total = pm.total(values) / unscale[:, 0]
             absent = np.broadcast_to(pm.absent, norm.shape)
             maxabs = self._field(cols, "gmax@")
             if maxabs is not None:
-                maxabs = maxabs[1].combine(maxabs[0], "max") / scale
+                maxabs = maxabs[1].combine(maxabs[0], "max") / unscale
                 self._put(out, "grad_maxabs", steps, maxabs)
             # NaN/Inf as measured. Without max |g| (not a detail step), a per-tensor norm past float32's range
             # also reads inf: an explosion so far gone that it is reported with the non-finite ones.
@@ -123,14 +122,11 @@ class Chunk:
         if weight is not None:
             self._put(out, "weight_norm", steps, weight[1].combine(weight[0], "norm"))
         ratio = None
-        for name in cols:
-            if name.startswith("udelta@"):
-                m = int(name.partition("@")[2])
-                pm = self.layout.maps[m]
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    r = pm.combine(cols[name], "norm") / pm.combine(cols[f"uweight@{m}"], "norm")
-                # Two optimizers cover different layers; fmin keeps each one's numbers and ignores the NaNs.
-                ratio = r if ratio is None else np.fmin(ratio, r)
+        for m, delta, pm in self._fields(cols, "udelta@"):  # one per optimizer
+            with np.errstate(invalid="ignore", divide="ignore"):
+                r = pm.combine(delta, "norm") / pm.combine(cols[f"uweight@{m}"], "norm")
+            # Two optimizers cover different layers; fmin keeps each one's numbers and ignores the NaNs.
+            ratio = r if ratio is None else np.fmin(ratio, r)
         if ratio is not None:
             self._put(out, "update_ratio", steps, ratio)
         self._site_rows(run, cols, steps, out)
@@ -141,7 +137,6 @@ class Chunk:
         flags |= EVAL_FORWARD * np.array([r.eval_forward for r in run])
         if "grad_carry" in cols:
             flags |= GRAD_CARRIED * (cols["grad_carry"][:, 0] > 0)
-        scale = cols["loss_scale"][:, 0] if "loss_scale" in cols else None
         for i, r in enumerate(run):
             lrs = [float(cols[f"lr@{g}"][i, 0]) if lr is None else lr for g, lr in enumerate(r.lrs)]
             li = float(loss[i])
@@ -176,12 +171,17 @@ class Chunk:
             mat[:, sites] = raw
             self._put(out, metric, steps, mat)
 
-    def _field(self, cols: dict[str, np.ndarray], prefix: str) -> tuple[np.ndarray, PairMap] | None:
-        """The per-parameter field `prefix@map` of these rows, with its map; None when absent."""
-        for name, values in cols.items():
+    def _fields(self, cols: dict[str, np.ndarray], prefix: str):
+        """The per-parameter fields `prefix<map>` of these rows: (map index, values, its PairMap) each."""
+        for name, values in list(cols.items()):
             if name.startswith(prefix):
-                return values, self.layout.maps[int(name[len(prefix):])]
-        return None
+                m = int(name[len(prefix):])
+                yield m, values, self.layout.maps[m]
+
+    def _field(self, cols: dict[str, np.ndarray], prefix: str) -> tuple[np.ndarray, PairMap] | None:
+        """The one field `prefix<map>` of a row layout that has at most one: (values, its PairMap), or None."""
+        hit = next(self._fields(cols, prefix), None)
+        return None if hit is None else hit[1:]
 
     @staticmethod
     def _put(out: Rows, metric: str, steps: list[int], values: np.ndarray) -> None:

@@ -105,9 +105,7 @@ class SafeProbes:
     """
 
     def __init__(self, rec: Recorder, mm: ModelMap):
-        self._rec = rec
-        self._hooks = [(m, _SafeOutput(rec, i)) for i, (_, m) in enumerate(mm.traced)
-                       if i in mm.safe and i != mm.root_traced]
+        self._hooks = [(m, _SafeOutput(rec, i)) for i, (_, m) in enumerate(mm.traced) if on_demand(mm, i)]
         self._handles: list = []
 
     def want(self, on: bool) -> None:
@@ -119,6 +117,11 @@ class SafeProbes:
 
     def close(self) -> None:
         self.want(False)
+
+
+def on_demand(mm: ModelMap, traced: int) -> bool:
+    """The traced module's output hook is SafeProbes' (registered per step), not one of install()'s."""
+    return traced in mm.safe and traced != mm.root_traced
 
 
 class _ActivationOutput(_ForwardHook):
@@ -164,10 +167,10 @@ def install(model: nn.Module, mm: ModelMap, rec: Recorder, cfg, optimizers: list
         if cfg.activations:
             handles += [a.module.register_forward_hook(_ActivationOutput(rec, i))
                         for i, a in enumerate(mm.activations)]
-        if cfg.trace_nonfinite:  # the safe modules' hooks, but the root's, are SafeProbes'
+        if cfg.trace_nonfinite:
             handles += [m.register_forward_hook((_SafeOutput if i in mm.safe else _ModuleOutput)(rec, i),
                                                 with_kwargs=True)
-                        for i, (_, m) in enumerate(mm.traced) if i not in mm.safe or i == mm.root_traced]
+                        for i, (_, m) in enumerate(mm.traced) if not on_demand(mm, i)]
             # Inputs are judged before the module runs: one that modifies them in place is still caught.
             handles += [m.register_forward_pre_hook(_ModuleInput(rec), with_kwargs=True)
                         for i, (_, m) in enumerate(mm.traced) if i not in mm.safe and i != mm.root_traced]

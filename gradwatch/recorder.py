@@ -14,6 +14,7 @@ import torch
 from . import _dist, stats
 from ._model import ModelMap, is_nonnegative
 from ._pairs import PairMap
+from ._row import RowParts
 
 MAX_SITES_PER_MODULE = 4  # calls of one activation module per forward kept apart; later ones share the last
 MAX_PROBES_PER_STEP = 4096  # NaN tracing stops for the rest of a step past this many module calls
@@ -150,9 +151,9 @@ class Recorder:
         mx = stats.maxabs(grads) if self.cfg.grad_maxabs and self.detail else None
         self._grad = (plan, stats.norms(grads), mx, self._scale())
 
-    def add_map(self, pair_param: list[int], pair_layer: list[int], n_params: int) -> int:
-        """Register how `n_params` measured parameters belong to layers; rows name it by the index returned."""
-        self.maps.append(PairMap(pair_param, pair_layer, n_params, self.n_layers))
+    def add_map(self, pair_param: list[int], pair_layer: list[int]) -> int:
+        """Register which layer each (measured parameter, layer) pair names; rows name it by the index returned."""
+        self.maps.append(PairMap(pair_param, pair_layer, self.n_layers))
         return len(self.maps) - 1
 
     def shard_scale_for(self, params: list[int]) -> torch.Tensor | None:
@@ -167,7 +168,7 @@ class Recorder:
             return hit
         where = {p: i for i, p in enumerate(present)}
         pairs = [(where[p], ly) for p, ly in zip(self.mm.param_of_pair, self.mm.layer_of_pair) if p in where]
-        hit = GradPlan(self.add_map([p for p, _ in pairs], [ly for _, ly in pairs], len(present)),
+        hit = GradPlan(self.add_map([p for p, _ in pairs], [ly for _, ly in pairs]),
                        self.shard_scale_for(list(present)))
         self._plans[present] = hit
         return hit
@@ -336,7 +337,7 @@ class Recorder:
             return self._finish_step(step, loss, window_end, weight_norm)
 
     def _finish_step(self, step: int, loss, window_end: bool, weight_norm: bool) -> StepRow:
-        row = _RowParts(self.device)
+        row = RowParts(self.device)
         host_loss = None
         if isinstance(loss, torch.Tensor):
             row.scalars("loss", [loss])
@@ -409,50 +410,6 @@ class Recorder:
         self.eval_forward = False  # a grad-enabled forward ran with the model in eval() mode
         self.lrs: list = []
         self._calls = [0] * len(self.mm.activations)
-
-
-class _RowParts:
-    """One step's device values, gathered into one flat vector by one or two ops.
-
-    Most of a row is 0-dim tensors (the loss, a norm per parameter, NaN probes, counts): they are stacked
-    in one op instead of being reshaped, combined and concatenated piece by piece, since on a CPU loop
-    every small op costs as much as reading a large gradient.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._scalars: list[torch.Tensor] = []
-        self._scalar_layout: list[tuple[str, int]] = []
-        self._vectors: list[torch.Tensor] = []
-        self._vector_layout: list[tuple[str, int]] = []
-
-    def _here(self, t: torch.Tensor) -> torch.Tensor:
-        return t if t.device == self.device else t.to(self.device, non_blocking=True)
-
-    def scalars(self, name: str, values: list[torch.Tensor]) -> None:
-        self._scalar_layout.append((name, len(values)))
-        self._scalars.extend(self._here(v if v.dim() == 0 else v.reshape(())) for v in values)
-
-    def vector(self, name: str, t: torch.Tensor) -> None:
-        t = t.reshape(-1)
-        self._vector_layout.append((name, t.numel()))
-        self._vectors.append(self._here(t))
-
-    def per_param(self, name: str, norms: list[torch.Tensor], shard_scale: torch.Tensor | None) -> None:
-        if shard_scale is None:
-            self.scalars(name, norms)
-        else:
-            self.vector(name, torch.stack(norms) * shard_scale)
-
-    def build(self) -> tuple[list[tuple[str, int]], torch.Tensor | None]:
-        parts = ([torch.stack(self._scalars)] if self._scalars else []) + self._vectors
-        if not parts:
-            return [], None
-        # cat copies, and so does stack: the row aliases nothing that changes later (a lone vector would).
-        flat = torch.cat(parts) if len(parts) > 1 or not self._scalars else parts[0]
-        if flat.dtype != torch.float32:  # mixed dtypes promote in stack/cat; one conversion here
-            flat = flat.float()
-        return self._scalar_layout + self._vector_layout, flat
 
 
 def _input_tensors(args: tuple, kwargs: dict | None) -> list[torch.Tensor]:

@@ -33,7 +33,7 @@ def norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     caches in a real training loop). The kernel accumulates in float32 or wider, so bf16 keeps float32
     accuracy and an fp16 norm above 65504 stays finite. The results stay separate: the caller stacks them
     with the rest of its step row in one op, and the host combines them into per-layer norms in float64
-    (see `chunk.PairMap`), where a layer whose per-tensor norms fit float32 but whose summed squares do
+    (see `_pairs.PairMap`), where a layer whose per-tensor norms fit float32 but whose summed squares do
     not still reads exact.
     """
     dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]

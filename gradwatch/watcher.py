@@ -372,7 +372,7 @@ class Watcher:
         if not params:
             return None
         rec = self._rec
-        return RatioSpec(params, rec.add_map([p for p, _ in pairs], [ly for _, ly in pairs], len(params)),
+        return RatioSpec(params, rec.add_map([p for p, _ in pairs], [ly for _, ly in pairs]),
                          rec.shard_scale_for(order))
 
     def _meta(self, include, exclude) -> dict:

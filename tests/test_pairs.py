@@ -20,7 +20,7 @@ def test_combine_matches_a_loop_over_pairs_with_tied_and_uncovered_layers():
     rng = np.random.default_rng(0)
     # param 1 is tied (layers 0 and 3), layer 2 owns nothing measured, pairs arrive out of layer order
     pairs = [(0, 0), (1, 0), (2, 1), (1, 3), (3, 3), (4, 1)]
-    pm = PairMap([p for p, _ in pairs], [ly for _, ly in pairs], n_params=5, n_layers=4)
+    pm = PairMap([p for p, _ in pairs], [ly for _, ly in pairs], n_layers=4)
     values = rng.random((7, 5)).astype(np.float32) * 10
     for how in ("norm", "max"):
         np.testing.assert_allclose(pm.combine(values, how), _naive(values, pairs, 4, how), rtol=1e-12)
@@ -29,7 +29,7 @@ def test_combine_matches_a_loop_over_pairs_with_tied_and_uncovered_layers():
 
 
 def test_squares_are_summed_in_float64_and_nonfinite_values_propagate():
-    pm = PairMap([0, 1, 2], [0, 0, 1], n_params=3, n_layers=2)
+    pm = PairMap([0, 1, 2], [0, 0, 1], n_layers=2)
     big = np.float32(3e38)  # finite in float32; its square is not
     values = np.array([[big, big, 1.0], [np.nan, 1.0, np.inf]], dtype=np.float32)
     norm = pm.combine(values, "norm")
