@@ -327,8 +327,12 @@ class Recorder:
 
     def _measure_update(self, spec: RatioSpec, before: list[torch.Tensor]) -> None:
         after = [_dist.local(p) for p in spec.params]
-        # Per parameter ||dw|| and ||w||; the host sums them per layer (and over ranks) and divides.
-        self._updates.append((spec, stats.norms(torch._foreach_sub(after, before)), stats.norms(before)))
+        # Per parameter ||w|| and ||dw||; the host sums them per layer (and over ranks) and divides. The
+        # difference overwrites the snapshot in place: a second weight-sized allocation would cost the CPU
+        # loop page faults on this step and the next.
+        weight = stats.norms(before)
+        torch._foreach_sub_(before, after)
+        self._updates.append((spec, stats.norms(before), weight))
 
     # ---- step close-out ---------------------------------------------------------------------------
     def finish_step(self, step: int, loss, window_end: bool, weight_norm: bool) -> StepRow:
