@@ -1,4 +1,4 @@
-"""A step row: the step's device values, gathered into one flat float32 vector by one or two ops."""
+"""The assembly of a step row's device values (see `RowParts`), for `Recorder.finish_step`."""
 from __future__ import annotations
 
 import torch

@@ -328,8 +328,8 @@ class Recorder:
     def _measure_update(self, spec: RatioSpec, before: list[torch.Tensor]) -> None:
         after = [_dist.local(p) for p in spec.params]
         # Per parameter ||w|| and ||dw||; the host sums them per layer (and over ranks) and divides. The
-        # difference overwrites the snapshot in place: a second weight-sized allocation would cost the CPU
-        # loop page faults on this step and the next.
+        # difference overwrites the snapshot in place: a tensor of its own would double the ratio's memory,
+        # past update_memory_mb (tests/test_update_memory.py).
         weight = stats.norms(before)
         torch._foreach_sub_(before, after)
         self._updates.append((spec, stats.norms(before), weight))
