@@ -5,7 +5,6 @@ thread, waits for the copy there, and does all the host-side work, including nam
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -64,14 +63,21 @@ class Chunk:
                 time.sleep(0.0005)
         host = self._host.numpy() if self._host is not None else np.zeros(0, np.float32)
         host = host.reshape(len(self._ranks), -1)  # one line per rank; a single one outside distributed runs
-        out, pos = Rows(), 0
-        # Consecutive steps nearly always share a layout: each run of them is one [steps x width] block,
-        # and every field is a column slice of it, so the work here does not grow per step in Python.
-        for layout, run in itertools.groupby(self.steps, key=lambda r: tuple(r.layout)):
-            run = list(run)
+        out = Rows()
+        # Steps share a few layouts: a detail step (one in detail_every) has more fields than the others.
+        # The rows of each layout, wherever they lie in the chunk, make one [steps x width] block, and every
+        # field is a column slice of it, so the Python work here grows with the layouts, not the steps.
+        groups: dict[tuple, list[int]] = {}
+        starts, pos = [], 0
+        for i, r in enumerate(self.steps):
+            groups.setdefault(tuple(r.layout), []).append(i)
+            starts.append(pos)
+            pos += sum(n for _, n in r.layout)
+        per_step: list = [None] * len(self.steps)
+        for layout, members in groups.items():
             width = sum(n for _, n in layout)
-            block = host[:, pos: pos + width * len(run)].reshape(len(self._ranks), len(run), width)
-            pos += width * len(run)
+            at = np.array([starts[i] for i in members])[:, None] + np.arange(width)
+            block = host[:, at]  # [ranks, steps, width]
             ranks = None
             if len(self._ranks) > 1 or self._sharded:
                 merged, layout, ranks = _dist.merge(block, list(layout), self._sharded, self._ranks)
@@ -83,10 +89,24 @@ class Chunk:
                 c += n
                 if name.startswith("unit_max@"):  # a unit is dead if it never fired in the window
                     cols[name.replace("unit_max@", "dead_fraction@")] = (cols[name] <= 0).mean(axis=1, keepdims=True)
-            self._run_rows(run, cols, out, ranks)
+            run = [self.steps[i] for i in members]
+            for i, done in zip(members, self._run_rows(run, cols, out, ranks)):
+                per_step[i] = done
+        for step_row, event in per_step:  # in step order, which the streaks below need
+            out.steps.append(step_row)
+            if event is None:
+                self.layout.last_event = None
+                continue
+            # A streak of non-finite steps is reported once, at its onset: after it, NaN weights make
+            # every later step "produce" NaN again, which names a victim rather than the cause.
+            if event and self.layout.last_event is None:
+                out.events.append(event)
+            self.layout.last_event = event[2:4] if event else None
         return out
 
-    def _run_rows(self, run: list[StepRow], cols: dict[str, np.ndarray], out: Rows, ranks) -> None:
+    def _run_rows(self, run: list[StepRow], cols: dict[str, np.ndarray], out: Rows, ranks) -> list[tuple]:
+        """Puts the metric values of `run` (steps that share a layout) into `out`; returns, per step, its
+        steps-table row and its non-finite event: None for a finite step, () when no producer is found."""
         steps = [r.step for r in run]
         n_layers = len(self.layout.layer_names)
         if "loss" in cols:
@@ -137,26 +157,23 @@ class Chunk:
         flags |= EVAL_FORWARD * np.array([r.eval_forward for r in run])
         if "grad_carry" in cols:
             flags |= GRAD_CARRIED * (cols["grad_carry"][:, 0] > 0)
+        done = []
         for i, r in enumerate(run):
             lrs = [float(cols[f"lr@{g}"][i, 0]) if lr is None else lr for g, lr in enumerate(r.lrs)]
             li = float(loss[i])
-            out.steps.append((
+            step_row = (
                 r.step, r.time, None if math.isnan(li) else li,
                 None if total is None else (float(total[i]) if math.isfinite(total[i]) else math.inf),
                 json.dumps(lrs) if lrs else None, None if r.skipped is None else int(r.skipped),
                 None if scale is None else float(scale[i]), int(flags[i]),
-            ))
-            if not nonfinite[i]:
-                self.layout.last_event = None
-                continue
-            event = self._nonfinite_event(r, li if has_loss[i] else None, _probe_kinds(minmax[i]), layer_bad[i],
-                                          None if grad_probe is None else grad_probe[i],
-                                          self.layout.rank if ranks is None else int(ranks[i]))
-            # A streak of non-finite steps is reported once, at its onset: after it, NaN weights make
-            # every later step "produce" NaN again, which names a victim rather than the cause.
-            if event and self.layout.last_event is None:
-                out.events.append(event)
-            self.layout.last_event = event[2:4] if event else None
+            )
+            event = None
+            if nonfinite[i]:
+                event = self._nonfinite_event(r, li if has_loss[i] else None, _probe_kinds(minmax[i]), layer_bad[i],
+                                              None if grad_probe is None else grad_probe[i],
+                                              self.layout.rank if ranks is None else int(ranks[i])) or ()
+            done.append((step_row, event))
+        return done
 
     def _site_rows(self, run: list[StepRow], cols: dict[str, np.ndarray], steps: list[int], out: Rows) -> None:
         for metric, entries in run[0].sites.items():  # one layout, so every step has the same sites

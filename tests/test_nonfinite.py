@@ -319,7 +319,10 @@ class Poison(nn.Module):
         return _NaNGrad.apply(x) if self.active else x
 
 
-def test_nan_gradient_from_backward_names_layer_closest_to_loss(tmp_path):
+@pytest.mark.parametrize("detail_every", [10, 2])
+def test_nan_gradient_from_backward_names_layer_closest_to_loss(tmp_path, detail_every):
+    """detail_every=2: the streak's two steps have different row layouts (detail, then not), which the flush
+    decodes apart; the streak is still seen whole, in step order."""
     torch.manual_seed(0)
     poison = Poison()
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), poison, nn.Linear(8, 1))
@@ -329,7 +332,8 @@ def test_nan_gradient_from_backward_names_layer_closest_to_loss(tmp_path):
         poison.active = step in bad_steps
 
     # like a GradScaler: a step with non-finite grads is not applied, so the weights stay finite
-    run, losses, bad = _train(model, tmp_path / "run", _batch, before=before, skip_bad=True)
+    run, losses, bad = _train(model, tmp_path / "run", _batch, before=before, skip_bad=True,
+                              detail_every=detail_every, flush_every=1.0)
     assert all(math.isfinite(v) for v in losses)
     assert bad[BAD] == {"0": 1.0, "2": 1.0, "4": 0.0}
     ev = run.events
