@@ -7,9 +7,9 @@ import torch
 class RowParts:
     """One step's device values, gathered into one flat vector by one or two ops.
 
-    Most of a row is 0-dim tensors (the loss, a norm per parameter, NaN probes, counts): they are stacked
-    in one op instead of being reshaped, combined and concatenated piece by piece, since on a CPU loop
-    every small op costs as much as reading a large gradient.
+    Most of a row is 0-dim tensors (the loss, NaN probes, counts), stacked in one op instead of being
+    reshaped, combined and concatenated piece by piece, since on a CPU loop every small op costs as much as
+    reading a large gradient; per-parameter norms come as one vector each.
     """
 
     def __init__(self, device: torch.device):
@@ -31,11 +31,8 @@ class RowParts:
         self._vector_layout.append((name, t.numel()))
         self._vectors.append(self._here(t))
 
-    def per_param(self, name: str, norms: list[torch.Tensor], shard_scale: torch.Tensor | None) -> None:
-        if shard_scale is None:
-            self.scalars(name, norms)
-        else:
-            self.vector(name, torch.stack(norms) * shard_scale)
+    def per_param(self, name: str, norms: torch.Tensor, shard_scale: torch.Tensor | None) -> None:
+        self.vector(name, norms if shard_scale is None else norms * shard_scale)
 
     def build(self) -> tuple[list[tuple[str, int]], torch.Tensor | None]:
         parts = ([torch.stack(self._scalars)] if self._scalars else []) + self._vectors
