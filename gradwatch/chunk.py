@@ -131,7 +131,8 @@ class Chunk:
                 maxabs = maxabs[1].combine(maxabs[0], "max") / unscale
                 self._put(out, "grad_maxabs", steps, maxabs)
             # NaN/Inf as measured. Without max |g| (not a detail step), a per-tensor norm past 1.8e19 (its
-            # square overflows float32) also reads inf: an explosion so far gone that it is reported with the non-finite ones.
+            # square overflows float32) also reads inf: an explosion so far gone that it is reported with the
+            # non-finite ones.
             grad_probe = maxabs if maxabs is not None else norm.copy()
             layer_bad = ~np.isfinite(grad_probe) & ~absent
             norm[layer_bad] = np.inf  # a NaN norm would read as "not measured"
