@@ -92,9 +92,9 @@ class Chunk:
             run = [self.steps[i] for i in members]
             for i, done in zip(members, self._run_rows(run, cols, out, ranks)):
                 per_step[i] = done
-        for step_row, event in per_step:  # in step order, which the streaks below need
+        for step_row, nonfinite, event in per_step:  # in step order, which the streaks below need
             out.steps.append(step_row)
-            if event is None:
+            if not nonfinite:
                 self.layout.last_event = None
                 continue
             # A streak of non-finite steps is reported once, at its onset: after it, NaN weights make
@@ -106,7 +106,7 @@ class Chunk:
 
     def _run_rows(self, run: list[StepRow], cols: dict[str, np.ndarray], out: Rows, ranks) -> list[tuple]:
         """Puts the metric values of `run` (steps that share a layout) into `out`; returns, per step, its
-        steps-table row and its non-finite event: None for a finite step, () when no producer is found."""
+        steps-table row, whether it saw a non-finite value, and the event naming the producer (or None)."""
         steps = [r.step for r in run]
         n_layers = len(self.layout.layer_names)
         if "loss" in cols:
@@ -172,8 +172,8 @@ class Chunk:
             if nonfinite[i]:
                 event = self._nonfinite_event(r, li if has_loss[i] else None, _probe_kinds(minmax[i]), layer_bad[i],
                                               None if grad_probe is None else grad_probe[i],
-                                              self.layout.rank if ranks is None else int(ranks[i])) or ()
-            done.append((step_row, event))
+                                              self.layout.rank if ranks is None else int(ranks[i]))
+            done.append((step_row, bool(nonfinite[i]), event))
         return done
 
     def _site_rows(self, run: list[StepRow], cols: dict[str, np.ndarray], steps: list[int], out: Rows) -> None:
