@@ -35,6 +35,7 @@ class Config:
     name = "baseline"
     note = "plain training step"
     requires: tuple[str, ...] = ()  # modules that must import, else the row is skipped with a note
+    ablation = False  # a row that splits gradwatch's cost by feature: run with --ablation, not by default
 
     @classmethod
     def available(cls) -> str | None:
@@ -108,6 +109,73 @@ class GradwatchGrads(Gradwatch):
         import gradwatch
 
         return gradwatch.WatchConfig.grad_norms_only()
+
+
+class GradwatchWithout(Gradwatch):
+    """gradwatch defaults with one feature turned off: its paired difference from the `gradwatch` row
+    is what that feature costs."""
+
+    ablation = True
+    off: dict[str, object] = {}
+
+    def watch_config(self):
+        import gradwatch
+
+        return gradwatch.WatchConfig().replace(**self.off)
+
+
+@register
+class GradwatchNoTrace(GradwatchWithout):
+    name = "gw-no-trace"
+    note = "gradwatch defaults, trace_nonfinite=False (no NaN probes in forward)"
+    off = {"trace_nonfinite": False}
+
+
+@register
+class GradwatchNoActivations(GradwatchWithout):
+    name = "gw-no-act"
+    note = "gradwatch defaults, activations=False (no dead-unit or fraction reads)"
+    off = {"activations": False}
+
+
+@register
+class GradwatchNoDetail(GradwatchWithout):
+    name = "gw-no-detail"
+    note = "gradwatch defaults, no detail steps (weight norm, max-abs, update ratio, fractions)"
+    off = {"detail_every": 10**9}
+
+
+@register
+class NoOpHooks(Config):
+    """The price of Python hooks alone: a no-op hook wherever gradwatch's default install puts one (the
+    root's pre and post hooks, pre and post hooks on every module that owns parameters, an output hook
+    on every ReLU/Tanh/Sigmoid, a post-accumulate hook per parameter, the optimizer's pre and post hooks)."""
+
+    name = "no-op-hooks"
+    note = "hand-written: no-op Python hooks at gradwatch's hook sites"
+    ablation = True
+
+    def attach(self, model, optimizer, run_dir):
+        super().attach(model, optimizer, run_dir)
+
+        def noop(*args, **kwargs):
+            return None
+
+        model.register_forward_pre_hook(noop)
+        model.register_forward_hook(noop, with_kwargs=True)
+        for m in model.modules():
+            if m is model:
+                continue
+            if any(True for _ in m.parameters(recurse=False)):
+                m.register_forward_pre_hook(noop, with_kwargs=True)
+                m.register_forward_hook(noop, with_kwargs=True)
+            elif isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.GELU, nn.Tanh, nn.Sigmoid)):
+                m.register_forward_hook(noop)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(noop)
+        optimizer.register_step_pre_hook(noop)
+        optimizer.register_step_post_hook(noop)
 
 
 def _layers(model: nn.Module) -> list[list[nn.Parameter]]:

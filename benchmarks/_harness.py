@@ -185,6 +185,19 @@ def extra_cost_ratio(timings: Timings, name: str, ref: str,
     return float(point), (float(lo), float(hi))
 
 
+def feature_cost(timings: Timings, full: str, without: str,
+                 rng: np.random.Generator) -> tuple[float, tuple[float, float]]:
+    """What the feature that `without` turns off costs, in % of the plain step: the median over rounds of
+    (full block - without block) / the full row's paired baseline block, with a bootstrap CI over rounds.
+    Both rows run once in every round, so a round's two blocks are minutes closer in time than the medians
+    of two rows would be."""
+    a, b = np.asarray(timings.blocks[full]), np.asarray(timings.blocks[without])
+    d = (a - b) / np.asarray(timings.paired_base[full])
+    idx = rng.integers(0, len(d), size=(N_BOOT, len(d)))
+    lo, hi = np.percentile(np.median(d[idx], axis=1), [2.5, 97.5])
+    return _pct(1 + np.median(d)), (_pct(1 + lo), _pct(1 + hi))
+
+
 class CompetingLoad:
     """Share of all CPUs that other processes (and hypervisor steal) use from creation to
     `share()`; None where /proc/stat is missing (not Linux)."""

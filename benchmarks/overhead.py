@@ -28,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers sit next
 import _report  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _configs import CONFIGS  # noqa: E402
+from _configs import CONFIGS, GradwatchWithout  # noqa: E402
 from _harness import (  # noqa: E402
     CompetingLoad,
     device_sync,
     extra_cost_ratio,
+    feature_cost,
     make_session,
     run_interleaved,
     warm_up_and_size_block,
@@ -44,20 +45,28 @@ from _workloads import WORKLOADS  # noqa: E402
 # shared machine is slow compared with one baseline/X pair of blocks.
 BLOCK_TARGET_S = 0.08
 TARGET_GRADS_VS_FLOOR = 1.5
+ABLATION_REFERENCES = ("gradwatch", "gradwatch-grads", "floor")  # the rows an --ablation run compares with
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _report.add_common_args(p, rounds=30, block_target_s=BLOCK_TARGET_S, workloads=list(WORKLOADS),
                             quick_help="smoke run: 2 rounds, 2-step blocks, memory for the first workload only")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
-                   help="rows to run (baseline is always added)")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
+                   help="rows to run (baseline is always added; default: every row that is not an ablation)")
+    p.add_argument("--ablation", action="store_true",
+                   help="split gradwatch's cost by feature: the gradwatch row, each feature turned off, "
+                        "grads-only, the floor and no-op hooks; paired differences between rows of one run")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process memory measurement")
     p.add_argument("--mem-steps", type=int, default=20,
                    help="training steps in each memory process (default 20)")
-    return _report.parse_checked(p, argv, quick={"rounds": 2, "block": 2, "warmup": 2, "mem_steps": 5})
+    args = _report.parse_checked(p, argv, quick={"rounds": 2, "block": 2, "warmup": 2, "mem_steps": 5})
+    if args.configs is None:
+        args.configs = [n for n, c in CONFIGS.items() if c.ablation == args.ablation or
+                        (args.ablation and n in ABLATION_REFERENCES)]
+    return args
 
 
 def bench_workload(wname: str, classes: list, args: argparse.Namespace, rng: np.random.Generator) -> dict:
@@ -75,6 +84,10 @@ def bench_workload(wname: str, classes: list, args: argparse.Namespace, rng: np.
             for s in sessions.values():
                 s.config.close()
     result = _report.workload_result(wname, workload.description, block, args.rounds, others_share, timings, rng)
+    if "gradwatch" in result["rows"]:
+        result["feature_cost"] = {name: feature_cost(timings, "gradwatch", name, rng)
+                                  for name, cls in CONFIGS.items()
+                                  if name in result["rows"] and issubclass(cls, GradwatchWithout)}
     if "gradwatch-grads" in result["rows"] and "floor" in result["rows"]:
         point, ci = extra_cost_ratio(timings, "gradwatch-grads", "floor", rng)
         result["grads_vs_floor"] = {"ratio": point, "ci": ci, "floor_ci_pct": result["rows"]["floor"]["ci_pct"]}
@@ -98,6 +111,9 @@ def print_workload(res: dict) -> None:
     cuda = any("cuda_mib" in m for m in res["memory"].values() if m)
     _report.print_time_table(res, columns=[("+RSS MiB", 10, _mem_cell("rss_mib"))]
                              + ([("+CUDA MiB", 11, _mem_cell("cuda_mib"))] if cuda else []))
+    for name, (point, ci) in res.get("feature_cost", {}).items():
+        print(f"   cost of what {name} turns off: {point:+.1f}% of the plain step "
+              f"{_report.fmt_range(ci)} (paired gradwatch - {name} blocks)")
     g = res.get("grads_vs_floor")
     if g:
         print(f"   gradwatch-grads extra cost / floor extra cost = {g['ratio']:.2f}x "
