@@ -145,37 +145,42 @@ class GradwatchNoDetail(GradwatchWithout):
     off = {"detail_every": 10**9}
 
 
+def _noop(*args, **kwargs) -> None:
+    return None
+
+
 @register
 class NoOpHooks(Config):
-    """The price of Python hooks alone: a no-op hook wherever gradwatch's default install puts one (the
-    root's pre and post hooks, pre and post hooks on every module that owns parameters, an output hook
-    on every ReLU/Tanh/Sigmoid, a post-accumulate hook per parameter, the optimizer's pre and post hooks)."""
+    """The price of Python hooks alone: a no-op hook at each place where `gradwatch.hooks.install` puts
+    one by default, found by gradwatch's own `map_model` (output and input hooks of the traced modules,
+    activation and pass-through output hooks, a post-accumulate hook per trainable parameter and the
+    sentinel's tensor hook, the optimizer's pre and post hooks)."""
 
     name = "no-op-hooks"
-    note = "hand-written: no-op Python hooks at gradwatch's hook sites"
+    note = "hand-written: no-op Python hooks where gradwatch's default install registers its hooks"
     ablation = True
 
     def attach(self, model, optimizer, run_dir):
         super().attach(model, optimizer, run_dir)
+        from gradwatch._model import map_model
+        from gradwatch.hooks import on_demand
 
-        def noop(*args, **kwargs):
-            return None
-
-        model.register_forward_pre_hook(noop)
-        model.register_forward_hook(noop, with_kwargs=True)
-        for m in model.modules():
-            if m is model:
-                continue
-            if any(True for _ in m.parameters(recurse=False)):
-                m.register_forward_pre_hook(noop, with_kwargs=True)
-                m.register_forward_hook(noop, with_kwargs=True)
-            elif isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.GELU, nn.Tanh, nn.Sigmoid)):
-                m.register_forward_hook(noop)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(noop)
-        optimizer.register_step_pre_hook(noop)
-        optimizer.register_step_post_hook(noop)
+        mm = map_model(model, None, None)
+        model.register_forward_pre_hook(_noop)
+        for i, (_, m) in enumerate(mm.traced):
+            if not on_demand(mm, i):
+                m.register_forward_hook(_noop, with_kwargs=True)
+            if i not in mm.safe and i != mm.root_traced:
+                m.register_forward_pre_hook(_noop, with_kwargs=True)
+        for m in [a.module for a in mm.activations] + mm.passing:
+            m.register_forward_hook(_noop)
+        trainable = [p for p in mm.params if p.requires_grad]
+        for p in trainable:
+            p.register_post_accumulate_grad_hook(_noop)
+        if trainable:
+            min(trainable, key=lambda p: p.numel()).register_hook(_noop)
+        optimizer.register_step_pre_hook(_noop)
+        optimizer.register_step_post_hook(_noop)
 
 
 def _layers(model: nn.Module) -> list[list[nn.Parameter]]:

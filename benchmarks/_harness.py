@@ -189,8 +189,8 @@ def feature_cost(timings: Timings, full: str, without: str,
                  rng: np.random.Generator) -> tuple[float, tuple[float, float]]:
     """What the feature that `without` turns off costs, in % of the plain step: the median over rounds of
     (full block - without block) / the full row's paired baseline block, with a bootstrap CI over rounds.
-    Both rows run once in every round, so a round's two blocks are minutes closer in time than the medians
-    of two rows would be."""
+    Both rows run once in every round, so each difference compares two blocks of the same round, which
+    load drift on a shared machine touches alike, rather than two medians over the whole run."""
     a, b = np.asarray(timings.blocks[full]), np.asarray(timings.blocks[without])
     d = (a - b) / np.asarray(timings.paired_base[full])
     idx = rng.integers(0, len(d), size=(N_BOOT, len(d)))
